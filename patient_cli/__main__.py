@@ -1,0 +1,7 @@
+"""Allow `python -m patient_cli`."""
+
+from __future__ import annotations
+
+from patient_cli.cli import main
+
+main()

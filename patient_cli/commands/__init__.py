@@ -1,0 +1,1 @@
+"""CLI commands, one module per group; importing a module registers its commands."""

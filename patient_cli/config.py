@@ -1,0 +1,162 @@
+"""Configuration: which database to use and where the encryption key comes from.
+
+Reads the environment (optionally seeded from a `.env` file, which real variables
+override) using the variable names of the original service. Holds no secrets in
+`repr`, so a settings object can be printed or logged safely.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patient_cli.errors import ConfigError
+
+DB_VARIABLES = ("DB_USERNAME", "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_NAME")
+KEY_VARIABLES = ("ENCRYPTION_KEY", "ENCRYPTION_KEY_FILE", "ENCRYPTION_KEY_COMMAND")
+DEFAULT_CONNECT_TIMEOUT = "10"
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where the Fernet key(s) come from; `value` is never shown in repr."""
+
+    kind: str  # "env", "file", "command", "default-file" or "none"
+    value: str = field(default="", repr=False)
+    path: Path | None = None
+
+    def describe(self) -> str:
+        if self.kind == "env":
+            return "ENCRYPTION_KEY"
+        if self.kind == "command":
+            return "ENCRYPTION_KEY_COMMAND"
+        if self.kind in ("file", "default-file"):
+            return f"key file {self.path}"
+        return "none"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know about its environment."""
+
+    conninfo: str = field(repr=False)  # may contain a password
+    embedded: bool
+    home: Path | None
+    key_source: KeySource
+    actor: str | None
+    display_database: str
+
+
+def load_env_file(env_file: Path | None) -> None:
+    """Seed os.environ from `env_file`, or from ./.env when none is named.
+
+    Real environment variables win over the file (dotenv's override=False).
+    """
+    from dotenv import load_dotenv
+
+    if env_file is not None:
+        if not env_file.is_file():
+            raise ConfigError(f"env file not found: {env_file}")
+        load_dotenv(env_file, override=False)
+        return
+    local = Path.cwd() / ".env"
+    if local.is_file():
+        load_dotenv(local, override=False)
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value
+
+
+def load_settings() -> Settings:
+    """Build Settings from the (already .env-seeded) environment."""
+    embedded = _env("DATABASE_URL") is None and all(_env(v) is None for v in DB_VARIABLES)
+    home: Path | None = None
+    if embedded:
+        from patient_cli.embedded import default_home
+
+        home = default_home()
+        conninfo = ""
+        display = f"embedded PostgreSQL in {home}"
+    else:
+        conninfo, display = _external_conninfo()
+    return Settings(
+        conninfo=conninfo,
+        embedded=embedded,
+        home=home,
+        key_source=_key_source(home),
+        actor=_env("PATIENT_RECORDS_ACTOR"),
+        display_database=display,
+    )
+
+
+def _external_conninfo() -> tuple[str, str]:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    url = _env("DATABASE_URL")
+    params: dict[str, str] = {}
+    if url is None:
+        mapping = {
+            "DB_USERNAME": "user",
+            "DB_PASSWORD": "password",
+            "DB_HOST": "host",
+            "DB_PORT": "port",
+            "DB_NAME": "dbname",
+        }
+        for var, key in mapping.items():
+            value = _env(var)
+            if value is not None:
+                params[key] = value
+        base = ""
+    else:
+        base = url
+    sslmode = _env("DB_SSLMODE")
+    if sslmode is not None:
+        params["sslmode"] = sslmode
+    try:
+        parsed = conninfo_to_dict(make_conninfo(base, **params))
+    except Exception as exc:  # psycopg.ProgrammingError: malformed DSN
+        raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection string") from exc
+    port = str(parsed.get("port", ""))
+    if port and not port.isdigit():
+        raise ConfigError("DB_PORT must be a number")
+    parsed.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    parsed.setdefault("application_name", "patient-records")
+    conninfo = make_conninfo("", **{k: str(v) for k, v in parsed.items() if v is not None})
+    display = "postgresql://{user}{pw}@{host}:{port}/{db}".format(
+        user=parsed.get("user", ""),
+        pw=":***" if parsed.get("password") else "",
+        host=parsed.get("host", "localhost"),
+        port=parsed.get("port", "5432"),
+        db=parsed.get("dbname", ""),
+    )
+    return conninfo, display
+
+
+def _key_source(home: Path | None) -> KeySource:
+    given = [name for name in KEY_VARIABLES if _env(name) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"set only one of {', '.join(given)}")
+    if given == ["ENCRYPTION_KEY"]:
+        return KeySource("env", value=os.environ["ENCRYPTION_KEY"])
+    if given == ["ENCRYPTION_KEY_FILE"]:
+        return KeySource("file", path=Path(os.environ["ENCRYPTION_KEY_FILE"]).expanduser())
+    if given == ["ENCRYPTION_KEY_COMMAND"]:
+        return KeySource("command", value=os.environ["ENCRYPTION_KEY_COMMAND"])
+    if home is not None:
+        return KeySource("default-file", path=default_key_file())
+    return KeySource("none")
+
+
+def default_key_file() -> Path:
+    """The key file the embedded mode generates: $PATIENT_RECORDS_HOME/key or the config dir."""
+    override = _env("PATIENT_RECORDS_HOME")
+    if override is not None:
+        return Path(override).expanduser() / "key"
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("patient-records")) / "key"

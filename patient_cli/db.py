@@ -1,0 +1,74 @@
+"""Connecting to PostgreSQL and turning its failures into our exit codes.
+
+`connect` starts the embedded server when no database is configured.
+`translate_db_errors` maps psycopg exceptions raised mid-command to
+DatabaseUnavailable / ConfigError with a message free of secrets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from patient_cli.config import Settings
+from patient_cli.errors import ConfigError, DatabaseUnavailable
+
+Connection = psycopg.Connection[Any]
+
+# Connection failures that retrying will not fix: the settings are wrong.
+_SETTINGS_PROBLEMS = (
+    "password authentication failed",
+    "no password supplied",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "invalid connection option",
+    "invalid sslmode",
+    "peer authentication failed",
+    "role",
+)
+
+
+def connect(settings: Settings) -> Connection:
+    conninfo = settings.conninfo
+    if settings.embedded:
+        from patient_cli.embedded import ensure_server
+
+        assert settings.home is not None
+        conninfo = ensure_server(settings.home)
+    try:
+        return psycopg.connect(conninfo, autocommit=False)
+    except psycopg.OperationalError as exc:
+        reason = _first_line(exc)
+        if any(marker in reason for marker in _SETTINGS_PROBLEMS):
+            raise ConfigError(f"bad database settings: {reason}") from None
+        raise DatabaseUnavailable(
+            f"cannot connect to the database ({settings.display_database}): {reason}"
+        ) from None
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"bad database settings: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # libpq puts the most specific reason last ("connection to server ... failed: X").
+    return lines[-1] if lines else type(exc).__name__
+
+
+@contextmanager
+def translate_db_errors() -> Iterator[None]:
+    """Map database failures raised inside the block to our error classes."""
+    try:
+        yield
+    except (pgerrors.UndefinedTable, pgerrors.UndefinedColumn, pgerrors.UndefinedFunction):
+        raise ConfigError(
+            "the database schema is missing or out of date: run `patient-records init-db`"
+        ) from None
+    except pgerrors.InsufficientPrivilege as exc:
+        raise ConfigError(f"the database refused the operation: {_first_line(exc)}") from None
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"lost the database connection: {_first_line(exc)}") from None

@@ -1,0 +1,194 @@
+"""Exporting a record's file: decrypt, verify, and only then put it in place.
+
+A file export goes to a 0600 temporary file beside the target, is checked
+against the stored size and SHA-256, audited, and renamed into place, so a
+failed or refused export never leaves a partial or changed file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from patient_cli import sql, store
+from patient_cli.audit import AuditEvent, append_event, audited
+from patient_cli.db import translate_db_errors
+from patient_cli.errors import IntegrityFailed, NotFound, TargetExists, UsageError
+from patient_cli.session import Session
+
+STDOUT = "-"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    record_id: int
+    username: str
+    path: str  # "-" for stdout
+    file_size: int
+    file_type: str | None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """Where a record's file lives and what it must look like."""
+
+    record_id: int
+    username: str
+    file_name: str | None
+    mime_type: str | None
+    file_size: int
+    sha256: str | None
+    chunk_count: int
+    legacy: bool
+
+
+def find_file_record(session: Session, record_id: int) -> FileRecord:
+    if record_id <= 0:
+        raise UsageError("record id must be a positive number")
+    with session.conn.cursor() as cur:
+        cur.execute(sql.SELECT_RECORD_FOR_EXPORT, (record_id,))
+        row = cur.fetchone()
+    if row is None:
+        raise NotFound(f"record {record_id} not found")
+    (
+        rid,
+        username,
+        meta_token,
+        file_size,
+        chunk_count,
+        _legacy_name,
+        legacy_type,
+        legacy_has_file,
+    ) = row
+    if meta_token is None:
+        if not legacy_has_file:
+            raise NotFound(f"record {record_id} has no file")
+        return FileRecord(rid, username, None, legacy_type, -1, None, 0, legacy=True)
+    meta = store.open_meta(session.keyring, meta_token, rid)
+    if file_size is None:
+        raise NotFound(f"record {record_id} has no file")
+    if meta.file_size != file_size:
+        raise IntegrityFailed(f"record {record_id}: stored file size does not match its metadata")
+    return FileRecord(
+        rid,
+        username,
+        meta.file_name,
+        meta.mime_type,
+        file_size,
+        meta.sha256,
+        int(chunk_count or 0),
+        legacy=False,
+    )
+
+
+def iter_file(session: Session, record: FileRecord) -> Iterator[bytes]:
+    """The decrypted file, piece by piece; raises IntegrityFailed at the end if the
+    size or hash differs from what was stored."""
+    if record.legacy:
+        with session.conn.cursor() as cur:
+            cur.execute(sql.SELECT_LEGACY_FILE, (record.username, record.record_id))
+            row = cur.fetchone()
+        assert row is not None
+        yield bytes(row[0])
+        return
+    hasher = hashlib.sha256()
+    size = 0
+    for piece in store.iter_chunks(
+        session.conn, session.keyring, record.username, record.record_id, record.chunk_count
+    ):
+        hasher.update(piece)
+        size += len(piece)
+        yield piece
+    if size != record.file_size or hasher.hexdigest() != record.sha256:
+        raise IntegrityFailed(f"record {record.record_id}: file content fails its integrity check")
+
+
+def safe_file_name(name: str | None, record_id: int) -> str:
+    """A file name that cannot escape the current folder or hide itself."""
+    if name:
+        name = name.replace("\\", "/").rsplit("/", 1)[-1]
+        name = re.sub(r"[\x00-\x1f\x7f]", "_", name).strip().lstrip(".")
+    return name or f"record-{record_id}.bin"
+
+
+def export_file(
+    session: Session,
+    record_id: int,
+    output: str | None = None,
+    force: bool = False,
+    stdout: BinaryIO | None = None,
+) -> ExportResult:
+    event = AuditEvent("export-file", record_ids=[record_id])
+    with translate_db_errors(), audited(session, event):
+        session.load_secrets()
+        record = find_file_record(session, record_id)
+        event.usernames.add(record.username)
+        if output == STDOUT:
+            assert stdout is not None
+            return _export_to_stream(session, record, event, stdout)
+        target = (
+            Path(output) if output else Path.cwd() / safe_file_name(record.file_name, record_id)
+        )
+        if target.is_dir():
+            target = target / safe_file_name(record.file_name, record_id)
+        if target.exists() and not force:
+            raise TargetExists(f"{target} already exists (use --force to overwrite)")
+        if not target.parent.is_dir():
+            raise UsageError(f"folder does not exist: {target.parent}")
+        size = _write_verified(session, record, target, force, event)
+    return ExportResult(record.record_id, record.username, str(target), size, record.mime_type)
+
+
+def _export_to_stream(
+    session: Session, record: FileRecord, event: AuditEvent, stdout: BinaryIO
+) -> ExportResult:
+    # Data leaves only after its audit event is committed (fail closed); a later
+    # integrity failure is reported with exit 7 after what was already written.
+    append_event(session, event)
+    session.conn.commit()
+    size = 0
+    for piece in iter_file(session, record):
+        stdout.write(piece)
+        size += len(piece)
+    stdout.flush()
+    session.conn.commit()
+    return ExportResult(record.record_id, record.username, STDOUT, size, record.mime_type)
+
+
+def _write_verified(
+    session: Session, record: FileRecord, target: Path, force: bool, event: AuditEvent
+) -> int:
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".patient-records-", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            for piece in iter_file(session, record):
+                out.write(piece)
+                size += len(piece)
+            out.flush()
+            os.fsync(out.fileno())
+        append_event(session, event)
+        session.conn.commit()
+        _place(tmp, target, force)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return size
+
+
+def _place(tmp: Path, target: Path, force: bool) -> None:
+    if force:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)  # atomic, and never overwrites a file created meanwhile
+    except FileExistsError:
+        raise TargetExists(f"{target} already exists (use --force to overwrite)") from None

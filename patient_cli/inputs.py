@@ -1,0 +1,89 @@
+"""Checking what users type and opening the files they name.
+
+Every check raises UsageError (exit 2) with a one-line message that names the
+offending option but never echoes patient content.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+from patient_cli.errors import UsageError
+
+MAX_USERNAME_LENGTH = 80  # the original service's VARCHAR(80)
+MAX_RECORD_NAME_LENGTH = 255
+
+
+def check_username(username: str | None) -> str:
+    if username is None or username.strip() == "":
+        raise UsageError("username must not be empty")
+    _check_text(username, "username")
+    if len(username) > MAX_USERNAME_LENGTH:
+        raise UsageError(f"username is longer than {MAX_USERNAME_LENGTH} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in username):
+        raise UsageError("username must not contain control characters")
+    return username
+
+
+def check_record_name(name: str | None) -> str:
+    if name is None or name.strip() == "":
+        raise UsageError("record name must not be empty")
+    _check_text(name, "record name")
+    if len(name) > MAX_RECORD_NAME_LENGTH:
+        raise UsageError(f"record name is longer than {MAX_RECORD_NAME_LENGTH} characters")
+    if "\x00" in name:
+        raise UsageError("record name must not contain NUL characters")
+    return name
+
+
+def check_record_data(data: str | None) -> str | None:
+    if data is not None:
+        _check_text(data, "record data")
+    return data
+
+
+def decode_utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+
+
+def _check_text(text: str, what: str) -> None:
+    # Python turns invalid UTF-8 in argv into lone surrogates.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+
+
+def open_regular_file(path: Path) -> tuple[BinaryIO, int]:
+    """Open `path` for reading, refusing anything but a regular file (following
+    symlinks). Never blocks on a FIFO. Returns the file and its size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"not a regular file: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"not a regular file: {path}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def display_file_name(path: Path) -> str:
+    """The name stored with a file: its last path component, as valid UTF-8."""
+    name = path.name
+    _check_text(name, "file name")
+    return name

@@ -1,0 +1,104 @@
+"""Read the Fernet key(s) from where the configuration says they are.
+
+Sources: ENCRYPTION_KEY, a key file (refused when group or others can read it,
+as ssh refuses private keys), or ENCRYPTION_KEY_COMMAND's stdout. Error messages
+name the source, never the key.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+
+from patient_cli.config import KeySource
+from patient_cli.crypto import Keyring, generate_key, parse_keys
+from patient_cli.errors import ConfigError
+
+KEY_COMMAND_TIMEOUT = 30
+
+
+def load_keyring(source: KeySource) -> Keyring:
+    """Return the configured keys, or raise ConfigError saying how to configure one."""
+    if source.kind == "env":
+        return Keyring(parse_keys(source.value))
+    if source.kind in ("file", "default-file"):
+        assert source.path is not None
+        if source.kind == "default-file" and not source.path.exists():
+            raise ConfigError(
+                "no encryption key configured: run `patient-records init-db` to create one, "
+                "or set ENCRYPTION_KEY"
+            )
+        return Keyring(parse_keys(read_key_file(source.path)))
+    if source.kind == "command":
+        return Keyring(parse_keys(run_key_command(source.value)))
+    raise ConfigError(
+        "no encryption key configured: set ENCRYPTION_KEY, ENCRYPTION_KEY_FILE or "
+        "ENCRYPTION_KEY_COMMAND"
+    )
+
+
+def read_key_file(path: Path) -> str:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"key file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"key file is not a regular file: {path}")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"key file {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); fix with: chmod 600 {path}"
+        )
+    try:
+        return path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"cannot read key file {path}") from None
+
+
+def run_key_command(command: str) -> str:
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        raise ConfigError("ENCRYPTION_KEY_COMMAND cannot be parsed") from None
+    if not argv:
+        raise ConfigError("ENCRYPTION_KEY_COMMAND is empty")
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=KEY_COMMAND_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise ConfigError(f"ENCRYPTION_KEY_COMMAND not found: {argv[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            f"ENCRYPTION_KEY_COMMAND did not finish within {KEY_COMMAND_TIMEOUT} s"
+        ) from None
+    if done.returncode != 0:
+        raise ConfigError(f"ENCRYPTION_KEY_COMMAND exited with status {done.returncode}")
+    try:
+        return done.stdout.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigError("ENCRYPTION_KEY_COMMAND printed something that is not a key") from None
+
+
+def write_key_file(path: Path) -> None:
+    """Create `path` (mode 0600, never overwriting) holding a new key."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"key file already exists, not overwriting: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(generate_key() + b"\n")
+        out.flush()
+        os.fsync(out.fileno())

@@ -1,0 +1,328 @@
+"""Writing and reading encrypted records and their file chunks.
+
+One path stores every file, for `add` and `import` alike: a file that fits in
+one chunk goes in with its record in a single statement (batchable); a larger
+one is streamed in 1 MiB chunks by binary COPY. Each chunk's plaintext starts
+with (record id, sequence number), so a chunk moved, swapped or dropped is
+detected on read, and the record's encrypted metadata holds the file's size
+and SHA-256, checked after the last chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, LiteralString
+
+from psycopg import errors as pgerrors
+
+from patient_cli import sql
+from patient_cli.crypto import Keyring, keyed_digest
+from patient_cli.db import Connection
+from patient_cli.errors import IntegrityFailed, UsageError
+
+CHUNK_SIZE = 1 << 20
+CHUNK_HEADER = struct.Struct(">qI")  # record id, sequence number
+META_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RecordContent:
+    """The parts of a record that are encrypted (everything but the username)."""
+
+    username: str
+    record_name: str
+    record_data: str | None = None
+    file_name: str | None = None
+    mime_type: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordMeta:
+    """Decrypted metadata of a stored record."""
+
+    record_name: str
+    record_data: str | None
+    file_name: str | None
+    mime_type: str | None
+    file_size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    record_id: int
+    created_at: datetime
+    file_size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class PreparedRecord:
+    """A record (with at most one chunk) encrypted and ready to insert."""
+
+    params: dict[str, object]
+    has_chunk: bool
+    file_size: int | None
+    sha256: str | None
+
+
+# -- metadata ----------------------------------------------------------------
+
+
+def seal_meta(
+    keyring: Keyring, content: RecordContent, file_size: int | None, sha256: str | None
+) -> bytes:
+    meta = {
+        "v": META_VERSION,
+        "name": content.record_name,
+        "data": content.record_data,
+        "file_name": content.file_name,
+        "mime": content.mime_type,
+        "size": file_size,
+        "sha256": sha256,
+    }
+    return keyring.encrypt(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+
+
+def open_meta(keyring: Keyring, token: bytes | memoryview, record_id: int) -> RecordMeta:
+    raw = json.loads(keyring.decrypt(token, what=f"record {record_id}"))
+    return RecordMeta(
+        record_name=raw["name"],
+        record_data=raw.get("data"),
+        file_name=raw.get("file_name"),
+        mime_type=raw.get("mime"),
+        file_size=raw.get("size"),
+        sha256=raw.get("sha256"),
+    )
+
+
+def file_fingerprint(fingerprint_key: bytes, sha256_digest: bytes) -> bytes:
+    """Keyed fingerprint of a file's content: reveals nothing without the HMAC key."""
+    return keyed_digest(fingerprint_key, b"file", sha256_digest)
+
+
+# -- chunks ------------------------------------------------------------------
+
+
+def seal_chunk(keyring: Keyring, record_id: int, seq: int, data: bytes) -> bytes:
+    return keyring.encrypt(CHUNK_HEADER.pack(record_id, seq) + data)
+
+
+def open_chunk(keyring: Keyring, token: bytes | memoryview, record_id: int, seq: int) -> bytes:
+    plain = keyring.decrypt(token, what=f"chunk {seq} of record {record_id}")
+    if len(plain) < CHUNK_HEADER.size:
+        raise IntegrityFailed(f"record {record_id}: chunk {seq} is malformed")
+    got_id, got_seq = CHUNK_HEADER.unpack_from(plain)
+    if got_id != record_id or got_seq != seq:
+        raise IntegrityFailed(
+            f"record {record_id}: chunk {seq} is out of place "
+            f"(it belongs to record {got_id}, position {got_seq})"
+        )
+    return plain[CHUNK_HEADER.size :]
+
+
+def reserve_ids(conn: Connection, count: int) -> list[int]:
+    with conn.cursor() as cur:
+        cur.execute(sql.RESERVE_RECORD_IDS, (count,))
+        return [int(row[0]) for row in cur.fetchall()]
+
+
+# -- writing -----------------------------------------------------------------
+
+
+def prepare_small(
+    keyring: Keyring,
+    fingerprint_key: bytes | None,
+    record_id: int,
+    content: RecordContent,
+    file_bytes: bytes | None,
+    dedupe: bool = False,
+) -> PreparedRecord:
+    """Encrypt a record whose file (if any) fits in one chunk."""
+    size = sha = fingerprint = None
+    chunk = None
+    if file_bytes is not None:
+        if len(file_bytes) > CHUNK_SIZE:
+            raise ValueError("prepare_small takes at most one chunk")
+        digest = hashlib.sha256(file_bytes).digest()
+        size, sha = len(file_bytes), digest.hex()
+        if fingerprint_key is not None:
+            fingerprint = file_fingerprint(fingerprint_key, digest)
+        chunk = seal_chunk(keyring, record_id, 0, file_bytes) if file_bytes else None
+    params: dict[str, object] = {
+        "id": record_id,
+        "username": content.username,
+        "meta": seal_meta(keyring, content, size, sha),
+        "key_id": keyring.primary_id,
+        "file_size": size,
+        "chunk_count": 0 if file_bytes is not None else None,
+        "fingerprint": fingerprint,
+        "dedupe_key": fingerprint if dedupe else None,
+    }
+    if chunk is not None:
+        params["chunk"] = chunk
+    return PreparedRecord(params, chunk is not None, size, sha)
+
+
+def insert_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[StoredRecord | None]:
+    """Insert prepared records, pipelined; None marks one skipped as a duplicate.
+
+    Each record (with its chunk) is one statement, so each is all-or-nothing on
+    its own; the caller's transaction decides when they become visible.
+    """
+    if len(batch) == 1:
+        with conn.cursor() as cur:
+            cur.execute(_insert_statement(batch[0]), batch[0].params)
+            return [_stored(batch[0], cur.fetchone())]
+    cursors = []
+    try:
+        with conn.pipeline():
+            for item in batch:
+                cur = conn.cursor()
+                cursors.append(cur)
+                cur.execute(_insert_statement(item), item.params)
+        return [_stored(item, cur.fetchone()) for item, cur in zip(batch, cursors, strict=True)]
+    finally:
+        for cur in cursors:
+            cur.close()
+
+
+def _insert_statement(item: PreparedRecord) -> LiteralString:
+    return sql.INSERT_RECORD_WITH_CHUNK if item.has_chunk else sql.INSERT_RECORD
+
+
+def _stored(item: PreparedRecord, row: tuple[object, ...] | None) -> StoredRecord | None:
+    if row is None:
+        return None
+    record_id, created_at = row
+    assert isinstance(record_id, int) and isinstance(created_at, datetime)
+    return StoredRecord(record_id, created_at, item.file_size, item.sha256)
+
+
+def store_streamed(
+    conn: Connection,
+    keyring: Keyring,
+    fingerprint_key: bytes | None,
+    content: RecordContent,
+    source: BinaryIO,
+    head: bytes = b"",
+    dedupe: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> StoredRecord | None:
+    """Store a file of any size in chunks, reading `head` then the rest of `source`.
+
+    Runs in a savepoint of the caller's transaction: on any error nothing of this
+    record remains. Returns None when `dedupe` finds the content already stored.
+    """
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            record_id = reserve_ids(conn, 1)[0]
+            cur.execute(
+                sql.INSERT_RECORD_PROVISIONAL,
+                (
+                    record_id,
+                    content.username,
+                    seal_meta(keyring, content, None, None),
+                    keyring.primary_id,
+                ),
+            )
+            row = cur.fetchone()
+            assert row is not None
+            created_at = row[0]
+            hasher = hashlib.sha256()
+            size = seq = 0
+            with cur.copy(sql.COPY_CHUNKS) as copy:
+                copy.set_types(sql.CHUNK_COPY_TYPES)
+                for piece in _pieces(source, head):
+                    hasher.update(piece)
+                    size += len(piece)
+                    token = seal_chunk(keyring, record_id, seq, piece)
+                    copy.write_row((content.username, record_id, seq, keyring.primary_id, token))
+                    seq += 1
+                    if on_bytes is not None:
+                        on_bytes(len(piece))
+            digest = hasher.digest()
+            fingerprint = (
+                file_fingerprint(fingerprint_key, digest) if fingerprint_key is not None else None
+            )
+            cur.execute(
+                sql.FINISH_RECORD,
+                {
+                    "meta": seal_meta(keyring, content, size, digest.hex()),
+                    "file_size": size,
+                    "chunk_count": seq,
+                    "fingerprint": fingerprint,
+                    "dedupe_key": fingerprint if dedupe else None,
+                    "username": content.username,
+                    "id": record_id,
+                },
+            )
+    except pgerrors.UniqueViolation:
+        if dedupe:
+            return None
+        raise
+    return StoredRecord(record_id, created_at, size, digest.hex())
+
+
+def read_head(source: BinaryIO) -> bytes:
+    """Read up to one chunk and one byte: enough to sniff the type and to know
+    whether the file fits in one chunk."""
+    head = b""
+    while len(head) <= CHUNK_SIZE:
+        more = _read(source, CHUNK_SIZE + 1 - len(head))
+        if not more:
+            break
+        head += more
+    return head
+
+
+def _pieces(source: BinaryIO, head: bytes) -> Iterator[bytes]:
+    """Yield the file in CHUNK_SIZE pieces (the last may be shorter)."""
+    buffer = head
+    while True:
+        while len(buffer) < CHUNK_SIZE:
+            more = _read(source, CHUNK_SIZE - len(buffer))
+            if not more:
+                break
+            buffer += more
+        if len(buffer) >= CHUNK_SIZE:
+            yield buffer[:CHUNK_SIZE]
+            buffer = buffer[CHUNK_SIZE:]
+            continue
+        if buffer:
+            yield buffer
+        return
+
+
+def _read(source: BinaryIO, size: int) -> bytes:
+    try:
+        return source.read(size)
+    except OSError as exc:
+        raise UsageError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def iter_chunks(
+    conn: Connection, keyring: Keyring, username: str, record_id: int, chunk_count: int
+) -> Iterator[bytes]:
+    """Decrypted file pieces of a record, in order, checking there are exactly
+    `chunk_count` of them at positions 0..chunk_count-1."""
+    expected = 0
+    with conn.cursor() as cur, cur.copy(sql.COPY_CHUNKS_OUT, (username, record_id)) as copy:
+        copy.set_types(sql.CHUNK_OUT_TYPES)
+        while (row := copy.read_row()) is not None:
+            seq, token = row
+            if seq != expected:
+                what = "missing" if seq > expected else "duplicated"
+                raise IntegrityFailed(f"record {record_id}: chunk {expected} is {what}")
+            yield open_chunk(keyring, token, record_id, seq)
+            expected += 1
+    if expected != chunk_count:
+        raise IntegrityFailed(f"record {record_id}: has {expected} chunks, expected {chunk_count}")
