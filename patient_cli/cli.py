@@ -15,7 +15,7 @@ import typer
 
 from patient_cli import __version__
 from patient_cli.cli_app import GLOBAL, Terminated, app
-from patient_cli.commands import admin, records  # noqa: F401  (registers commands)
+from patient_cli.commands import admin, importer, records, security  # noqa: F401  (registers commands)
 
 
 def _version(value: bool) -> None:

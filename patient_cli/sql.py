@@ -126,3 +126,7 @@ INSERT_AUDIT_EVENT: LiteralString = """
                            usernames, record_ids, details, prev_hash, hash)
     VALUES (%(id)s, %(at)s, %(action)s, %(outcome)s, %(os_user)s, %(db_role)s, %(actor)s,
             %(usernames)s, %(record_ids)s, %(details)s, %(prev_hash)s, %(hash)s)"""
+
+# -- import (issue 3): statements used only by `import` go below ----------------
+
+# -- rotation, verification, audit reading, status (issue 4) go below ----------

@@ -1,0 +1,3 @@
+"""`import`: batch-import a folder of files (not written yet)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""`rotate-key`, `verify`, `audit` and `status` (not written yet)."""
+
+from __future__ import annotations
