@@ -23,16 +23,16 @@ class InitResult:
 def init_db(session: Session) -> InitResult:
     """Create or upgrade the schema. In embedded mode with no key configured,
     first generate a key into a 0600 file (never with an explicit database)."""
-    settings = session.settings
     generated: Path | None = None
-    source = settings.key_source
-    if source.kind == "default-file" and source.path is not None and not source.path.exists():
-        from patient_cli.keysource import write_key_file
-
-        write_key_file(source.path)
-        generated = source.path
+    source = session.settings.key_source
     with translate_db_errors():
         report = migrate(session.conn)
+        # Only once the database works, so a refused or failed start leaves no key.
+        if source.kind == "default-file" and source.path is not None and not source.path.exists():
+            from patient_cli.keysource import write_key_file
+
+            write_key_file(source.path)
+            generated = source.path
         audited = _audit(session, report)
     return InitResult(report, generated, audited)
 
