@@ -17,9 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 from cryptography.fernet import Fernet
-from pgserver import ThrowawayServer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from typer.testing import CliRunner, Result
+
+from pgserver import ThrowawayServer
 
 ENV_VARIABLES = (
     "DATABASE_URL",
