@@ -7,6 +7,7 @@ by the commands that use them, so `--help` and `--version` stay fast.
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -47,6 +48,47 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def main() -> None:
+def _wants_json(argv: list[str]) -> bool:
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--format=") else None
+        if value is None and arg in ("--format", "-F") and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None and value.lower() in ("json", "ndjson"):
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. Command-line mistakes (unknown option, bad value) are reported
+    as one line, like every other error, instead of Click's usage block."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    app(prog_name="patient-records")
+    args = sys.argv[1:] if argv is None else argv
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="patient-records", standalone_mode=False)
+    except typer.TyperException as exc:  # Click's UsageError and friends
+        exit_code = int(getattr(exc, "exit_code", 2))
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare command: show its help
+            sys.stderr.write(str(getattr(exc, "format_message", lambda: "")()) + "\n")
+            sys.exit(exit_code)
+        message = _usage_message(exc)
+        if _wants_json(args):
+            from patient_cli.output import to_json
+
+            line = to_json({"error": message, "code": exit_code, "type": "usage_error"})
+        else:
+            line = f"Error: {message}"
+        sys.stderr.write(line + "\n")
+        sys.exit(exit_code)
+    except (KeyboardInterrupt, Terminated):
+        sys.stderr.write("Error: interrupted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: Exception) -> str:
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", "patient-records")
+    return f"{message} (see '{path} --help')"

@@ -29,6 +29,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # never show locals (they may hold keys)
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    # Plain (Click) help and usage errors: Typer's Rich formatter imports Rich's
+    # markdown and syntax modules (~70 ms), which would make --help slower than
+    # the commands themselves.
+    rich_markup_mode=None,
 )
 
 FormatOption = Annotated[

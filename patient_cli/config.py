@@ -53,16 +53,16 @@ def load_env_file(env_file: Path | None) -> None:
 
     Real environment variables win over the file (dotenv's override=False).
     """
+    if env_file is None:
+        env_file = Path.cwd() / ".env"
+        if not env_file.is_file():
+            return
+    elif not env_file.is_file():
+        raise ConfigError(f"env file not found: {env_file}")
+    # imported only when there is a file to read: it costs every command a few ms
     from dotenv import load_dotenv
 
-    if env_file is not None:
-        if not env_file.is_file():
-            raise ConfigError(f"env file not found: {env_file}")
-        load_dotenv(env_file, override=False)
-        return
-    local = Path.cwd() / ".env"
-    if local.is_file():
-        load_dotenv(local, override=False)
+    load_dotenv(env_file, override=False)
 
 
 def _env(name: str) -> str | None:

@@ -7,6 +7,7 @@ never printed.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -37,6 +38,10 @@ def parse_keys(text: str) -> list[bytes]:
         key = part.encode("ascii", errors="replace")
         try:
             Fernet(key)
+            # Only the canonical spelling: Fernet's decoder skips stray characters,
+            # so "KEY!" would work as KEY yet get a different key id.
+            if base64.urlsafe_b64encode(base64.urlsafe_b64decode(key)) != key:
+                raise ValueError("not canonical base64")
         except (ValueError, TypeError):
             where = f"key {number} of {len(parts)}" if len(parts) > 1 else "the key"
             raise ConfigError(
@@ -67,6 +72,13 @@ class Keyring:
     def decrypt(self, token: bytes | memoryview, what: str = "data") -> bytes:
         try:
             return self._multi.decrypt(bytes(token))
+        except InvalidToken:
+            raise DecryptionFailed(f"cannot decrypt {what}: wrong key or tampered data") from None
+
+    def rotate(self, token: bytes | memoryview, what: str = "data") -> bytes:
+        """Re-encrypt a token under the first key, keeping its plaintext and timestamp."""
+        try:
+            return self._multi.rotate(bytes(token))
         except InvalidToken:
             raise DecryptionFailed(f"cannot decrypt {what}: wrong key or tampered data") from None
 

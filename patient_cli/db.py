@@ -7,6 +7,7 @@ DatabaseUnavailable / ConfigError with a message free of secrets.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,11 @@ from patient_cli.config import Settings
 from patient_cli.errors import ConfigError, DatabaseUnavailable
 
 Connection = psycopg.Connection[Any]
+
+# psycopg logs follow-on failures as warnings (e.g. "error ignored terminating
+# <psycopg.Copy>" after the connection dropped); with no handler Python would
+# print them on stderr beside the one error line the CLI reports.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 # Connection failures that retrying will not fix: the settings are wrong.
 _SETTINGS_PROBLEMS = (
@@ -54,8 +60,9 @@ def connect(settings: Settings) -> Connection:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # libpq puts the most specific reason last ("connection to server ... failed: X").
+    # libpq puts the most specific reason last ("connection to server ... failed: X");
+    # tab-indented lines only continue or explain the line above them.
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line[0] != "\t"]
     return lines[-1] if lines else type(exc).__name__
 
 

@@ -140,6 +140,9 @@ def export_file(
             target = target / safe_file_name(record.file_name, record_id)
         if target.exists() and not force:
             raise TargetExists(f"{target} already exists (use --force to overwrite)")
+        if target.exists() and not target.is_file():
+            # --force replaces files, never a device, FIFO or socket (e.g. /dev/null).
+            raise UsageError(f"{target} is not a regular file; not replacing it")
         if not target.parent.is_dir():
             raise UsageError(f"folder does not exist: {target.parent}")
         size = _write_verified(session, record, target, force, event)
@@ -165,16 +168,23 @@ def _export_to_stream(
 def _write_verified(
     session: Session, record: FileRecord, target: Path, force: bool, event: AuditEvent
 ) -> int:
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".patient-records-", suffix=".part")
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=target.parent, prefix=".patient-records-", suffix=".part"
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot write to {target.parent}: {exc.strerror}") from None
     tmp = Path(tmp_name)
     try:
         size = 0
         with os.fdopen(fd, "wb") as out:
             for piece in iter_file(session, record):
-                out.write(piece)
+                with _writing(target):
+                    out.write(piece)
                 size += len(piece)
-            out.flush()
-            os.fsync(out.fileno())
+            with _writing(target):
+                out.flush()
+                os.fsync(out.fileno())
         append_event(session, event)
         session.conn.commit()
         _place(tmp, target, force)
@@ -182,6 +192,15 @@ def _write_verified(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return size
+
+
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """A full disk or an I/O error while writing becomes a one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
 
 
 def _place(tmp: Path, target: Path, force: bool) -> None:
@@ -192,3 +211,8 @@ def _place(tmp: Path, target: Path, force: bool) -> None:
         os.link(tmp, target)  # atomic, and never overwrites a file created meanwhile
     except FileExistsError:
         raise TargetExists(f"{target} already exists (use --force to overwrite)") from None
+    except OSError:
+        # No hard links here (FAT USB sticks, some network shares): check, then rename.
+        if os.path.lexists(target):
+            raise TargetExists(f"{target} already exists (use --force to overwrite)") from None
+        os.rename(tmp, target)

@@ -29,10 +29,14 @@ def init_db(session: Session) -> InitResult:
         report = migrate(session.conn)
         # Only once the database works, so a refused or failed start leaves no key.
         if source.kind == "default-file" and source.path is not None and not source.path.exists():
+            from patient_cli.errors import TargetExists
             from patient_cli.keysource import write_key_file
 
-            write_key_file(source.path)
-            generated = source.path
+            try:
+                write_key_file(source.path)
+                generated = source.path
+            except TargetExists:
+                pass  # a concurrent init-db created it first: use that one
         audited = _audit(session, report)
     return InitResult(report, generated, audited)
 

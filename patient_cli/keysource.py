@@ -11,11 +11,12 @@ import os
 import shlex
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 from patient_cli.config import KeySource
 from patient_cli.crypto import Keyring, generate_key, parse_keys
-from patient_cli.errors import ConfigError
+from patient_cli.errors import ConfigError, TargetExists
 
 KEY_COMMAND_TIMEOUT = 30
 
@@ -90,15 +91,28 @@ def run_key_command(command: str) -> str:
 
 
 def write_key_file(path: Path) -> None:
-    """Create `path` (mode 0600, never overwriting) holding a new key."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create `path` (mode 0600, never overwriting) holding a new key.
+
+    The key is written to a temporary file and linked into place, so a crash
+    never leaves an empty or half-written key file behind.
+    """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".key-", suffix=".tmp")
     except FileExistsError:
-        raise ConfigError(f"key file already exists, not overwriting: {path}") from None
+        raise ConfigError(f"cannot create key file {path}: a parent is not a folder") from None
     except OSError as exc:
         raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as out:
-        out.write(generate_key() + b"\n")
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with os.fdopen(fd, "wb") as out:  # mkstemp creates it 0600
+            out.write(generate_key() + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            raise TargetExists(f"key file already exists, not overwriting: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
+    finally:
+        os.unlink(tmp_name)

@@ -45,6 +45,7 @@ def _looks_like_text(head: bytes) -> bool:
     try:
         head[:SNIFF_BYTES].decode("utf-8")
     except UnicodeDecodeError as exc:
-        # A multi-byte character cut at the sniff boundary is still text.
-        return exc.start >= min(len(head), SNIFF_BYTES) - 3
+        # A multi-byte character cut at the sniff boundary is still text; one cut
+        # by the end of the file is not.
+        return len(head) > SNIFF_BYTES and exc.reason == "unexpected end of data"
     return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -87,7 +88,17 @@ def _cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S %z")
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return escape(str(value))
+    return escape(_CONTROL_CHARACTERS.sub(_visible, str(value)))
+
+
+# Stored text may hold terminal escape sequences (a record name that clears the
+# screen or retitles the window): show them as \xNN instead of sending them.
+# (Tab, newline and carriage return are left to Rich, which lays them out or drops them.)
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 def human_size(size: int | None) -> str:

@@ -84,7 +84,16 @@ class Session:
     def load_secrets(self) -> None:
         """Fetch (creating if needed) every HMAC secret, committed on its own, before
         a work transaction starts; a rollback of that work then cannot lose one."""
-        for name in app_secrets.SECRET_NAMES:
+        missing = [name for name in app_secrets.SECRET_NAMES if name not in self._secrets]
+        if not missing:
+            return
+        # One round trip in the usual case where they all exist already.
+        idle = self.conn.info.transaction_status == TransactionStatus.IDLE
+        found = app_secrets.get_existing_secrets(self.conn, self.keyring, missing)
+        if idle:
+            self.conn.commit()
+        self._secrets.update(found)
+        for name in missing:
             self.secret(name)
 
     def close(self) -> None:

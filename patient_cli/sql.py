@@ -30,9 +30,16 @@ SCHEMA_VERSION: LiteralString = "SELECT coalesce(max(version), 0) FROM schema_mi
 # -- application secrets (HMAC keys) ------------------------------------------
 
 SELECT_SECRET: LiteralString = "SELECT token FROM app_secrets WHERE name = %s"
+SELECT_SECRETS: LiteralString = "SELECT name, token FROM app_secrets WHERE name = ANY(%s)"
 INSERT_SECRET: LiteralString = """
     INSERT INTO app_secrets (name, key_id, token) VALUES (%s, %s, %s)
     ON CONFLICT (name) DO NOTHING"""
+# One stored token (new or legacy), to prove a key reads the existing data before
+# any secret is created under it.
+SELECT_ANY_RECORD_TOKEN: LiteralString = """
+    SELECT id, meta, record_data FROM patient_records
+     WHERE meta IS NOT NULL OR record_data IS NOT NULL
+     LIMIT 1"""
 
 # -- writing records -----------------------------------------------------------
 
@@ -129,4 +136,131 @@ INSERT_AUDIT_EVENT: LiteralString = """
 
 # -- import (issue 3): statements used only by `import` go below ----------------
 
+# Many small records at once (import's fast path, store.copy_prepared): no ON
+# CONFLICT here, so a duplicate dedupe key fails the whole COPY with a unique
+# violation and the importer retries that batch with INSERT_RECORD*.
+COPY_RECORDS: LiteralString = """
+    COPY patient_records
+        (id, username, meta, key_id, file_size, chunk_count, fingerprint, dedupe_key)
+    FROM STDIN (FORMAT BINARY)"""
+RECORD_COPY_TYPES = ["int8", "varchar", "bytea", "text", "int8", "int4", "bytea", "bytea"]
+# created_at defaults to now(): the transaction's start, the same for every row in it.
+TRANSACTION_TIME: LiteralString = "SELECT now()"
+# Which of these fingerprints are stored for the user (one query for many files).
+STORED_FINGERPRINTS: LiteralString = """
+    SELECT fingerprint FROM patient_records
+     WHERE username = %s AND fingerprint = ANY(%s)"""
+
 # -- rotation, verification, audit reading, status (issue 4) go below ----------
+
+# Which key protects how much (status, rotate-key's plan and its dry run). Legacy
+# rows have no key id: their record_data token predates key ids.
+KEY_USAGE_SECRETS: LiteralString = """
+    SELECT key_id, count(*), 0::bigint FROM app_secrets GROUP BY key_id"""
+KEY_USAGE_RECORDS: LiteralString = """
+    SELECT key_id, count(*), coalesce(sum(octet_length(meta)), 0)::bigint
+      FROM patient_records WHERE meta IS NOT NULL GROUP BY key_id"""
+KEY_USAGE_CHUNKS: LiteralString = """
+    SELECT key_id, count(*), coalesce(sum(octet_length(token)), 0)::bigint
+      FROM record_chunks GROUP BY key_id"""
+LEGACY_USAGE: LiteralString = """
+    SELECT count(*), coalesce(sum(octet_length(file_data)), 0)::bigint
+      FROM patient_records WHERE meta IS NULL"""
+
+# Rotation finds work without locking, walking the primary key from where the
+# previous batch ended; it then locks just those rows, one username per
+# statement, skipping rows another transaction holds (a rerun picks them up).
+SELECT_SECRETS_TO_ROTATE: LiteralString = """
+    SELECT name, token FROM app_secrets WHERE key_id <> %s
+     ORDER BY name FOR NO KEY UPDATE SKIP LOCKED"""
+UPDATE_SECRET_TOKEN: LiteralString = """
+    UPDATE app_secrets SET token = %s, key_id = %s WHERE name = %s"""
+
+SELECT_RECORDS_TO_ROTATE: LiteralString = """
+    SELECT username, id, octet_length(meta) FROM patient_records
+     WHERE (username, id) > (%(username)s::text, %(id)s::bigint)
+       AND meta IS NOT NULL AND key_id IS DISTINCT FROM %(primary)s
+     ORDER BY username, id
+     LIMIT %(limit)s"""
+LOCK_RECORDS_TO_ROTATE: LiteralString = """
+    SELECT id, meta FROM patient_records
+     WHERE username = %(username)s AND id = ANY(%(ids)s)
+       AND meta IS NOT NULL AND key_id IS DISTINCT FROM %(primary)s
+     ORDER BY id
+       FOR NO KEY UPDATE SKIP LOCKED"""
+UPDATE_RECORD_META_TOKEN: LiteralString = """
+    UPDATE patient_records SET meta = %s, key_id = %s WHERE username = %s AND id = %s"""
+
+# `mod(record_id + seq, slices) = slice` splits the chunks (even of one file)
+# between parallel workers.
+SELECT_CHUNKS_TO_ROTATE: LiteralString = """
+    SELECT username, record_id, seq, octet_length(token) FROM record_chunks
+     WHERE (username, record_id, seq) > (%(username)s::text, %(record_id)s::bigint, %(seq)s::int)
+       AND key_id <> %(primary)s
+       AND mod(record_id + seq, %(slices)s::bigint) = %(slice)s::bigint
+     ORDER BY username, record_id, seq
+     LIMIT %(limit)s"""
+LOCK_CHUNKS_TO_ROTATE: LiteralString = """
+    SELECT c.record_id, c.seq, c.token
+      FROM record_chunks c
+      JOIN unnest(%(record_ids)s::bigint[], %(seqs)s::int[]) AS k (record_id, seq)
+        ON c.record_id = k.record_id AND c.seq = k.seq
+     WHERE c.username = %(username)s AND c.key_id <> %(primary)s
+     ORDER BY c.record_id, c.seq
+       FOR NO KEY UPDATE OF c SKIP LOCKED"""
+UPDATE_CHUNK_TOKEN: LiteralString = """
+    UPDATE record_chunks SET token = %s, key_id = %s
+     WHERE username = %s AND record_id = %s AND seq = %s"""
+
+SELECT_LEGACY_TO_CONVERT: LiteralString = """
+    SELECT username, id, coalesce(octet_length(file_data), 0) FROM patient_records
+     WHERE (username, id) > (%(username)s::text, %(id)s::bigint) AND meta IS NULL
+     ORDER BY username, id
+     LIMIT %(limit)s"""
+LOCK_LEGACY_RECORD: LiteralString = """
+    SELECT record_name, record_data, file_data, file_type FROM patient_records
+     WHERE username = %s AND id = %s AND meta IS NULL
+       FOR NO KEY UPDATE SKIP LOCKED"""
+CONVERT_LEGACY_RECORD: LiteralString = """
+    UPDATE patient_records
+       SET meta = %(meta)s, key_id = %(key_id)s, file_size = %(file_size)s,
+           chunk_count = %(chunk_count)s, fingerprint = %(fingerprint)s,
+           record_name = NULL, record_data = NULL, file_data = NULL, file_type = NULL
+     WHERE username = %(username)s AND id = %(id)s"""
+
+# Verification reads a page of records at a time, in primary-key order.
+SET_REPEATABLE_READ: LiteralString = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+SELECT_RECORDS_TO_VERIFY: LiteralString = """
+    SELECT id, username, meta, file_size, chunk_count,
+           record_data, file_data IS NOT NULL, octet_length(file_data)
+      FROM patient_records
+     WHERE (username, id) > (%(after_username)s::text, %(after_id)s::bigint)
+       AND (%(username)s::text IS NULL OR username = %(username)s::text)
+       AND (%(record_id)s::bigint IS NULL OR id = %(record_id)s::bigint)
+     ORDER BY username, id
+     LIMIT %(limit)s"""
+RECORD_EXISTS: LiteralString = "SELECT EXISTS (SELECT 1 FROM patient_records WHERE id = %s)"
+COUNT_RECORDS_TO_VERIFY: LiteralString = """
+    SELECT count(*),
+           (coalesce(sum(file_size), 0) + coalesce(sum(octet_length(file_data)), 0))::bigint
+      FROM patient_records
+     WHERE (%(username)s::text IS NULL OR username = %(username)s::text)
+       AND (%(record_id)s::bigint IS NULL OR id = %(record_id)s::bigint)"""
+
+# Reading the audit trail: newest first for people, oldest first for the chain.
+SELECT_AUDIT_EVENTS: LiteralString = """
+    SELECT id, at, action, outcome, os_user, db_role, actor, usernames, record_ids,
+           details, prev_hash, hash
+      FROM audit_log
+     WHERE (%(username)s::text IS NULL OR usernames @> ARRAY[%(username)s::text])
+       AND (%(action)s::text IS NULL OR action = %(action)s::text)
+       AND (%(since)s::timestamptz IS NULL OR at >= %(since)s::timestamptz)
+     ORDER BY id DESC
+     LIMIT %(limit)s"""
+SELECT_AUDIT_CHAIN_PAGE: LiteralString = """
+    SELECT id, at, action, outcome, os_user, db_role, actor, usernames, record_ids,
+           details, prev_hash, hash
+      FROM audit_log
+     WHERE id > %s
+     ORDER BY id
+     LIMIT %s"""

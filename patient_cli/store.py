@@ -192,6 +192,48 @@ def insert_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[S
             cur.close()
 
 
+def copy_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[StoredRecord]:
+    """Insert prepared records by binary COPY: the fast path for many small files.
+
+    Same rows as insert_prepared, but without ON CONFLICT: a dedupe key already
+    stored fails the whole batch with UniqueViolation. Run it in a savepoint and
+    fall back to insert_prepared (which skips duplicates) when it raises.
+    """
+    with conn.cursor() as cur:
+        with cur.copy(sql.COPY_RECORDS) as copy:
+            copy.set_types(sql.RECORD_COPY_TYPES)
+            for item in batch:
+                p = item.params
+                chunk_count = 1 if item.has_chunk else p["chunk_count"]
+                copy.write_row(
+                    (
+                        p["id"],
+                        p["username"],
+                        p["meta"],
+                        p["key_id"],
+                        p["file_size"],
+                        chunk_count,
+                        p["fingerprint"],
+                        p["dedupe_key"],
+                    )
+                )
+        with cur.copy(sql.COPY_CHUNKS) as copy:
+            copy.set_types(sql.CHUNK_COPY_TYPES)
+            for item in batch:
+                if item.has_chunk:
+                    p = item.params
+                    copy.write_row((p["username"], p["id"], 0, p["key_id"], p["chunk"]))
+        cur.execute(sql.TRANSACTION_TIME)
+        row = cur.fetchone()
+    assert row is not None and isinstance(row[0], datetime)
+    stored = []
+    for item in batch:
+        record_id = item.params["id"]
+        assert isinstance(record_id, int)
+        stored.append(StoredRecord(record_id, row[0], item.file_size, item.sha256))
+    return stored
+
+
 def _insert_statement(item: PreparedRecord) -> LiteralString:
     return sql.INSERT_RECORD_WITH_CHUNK if item.has_chunk else sql.INSERT_RECORD
 

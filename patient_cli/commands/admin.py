@@ -80,7 +80,10 @@ def keygen(
     run_command(None, quiet, body)
 
 
-server_app = typer.Typer(help="The embedded PostgreSQL server (used when no database is set).")
+server_app = typer.Typer(
+    help="The embedded PostgreSQL server (used when no database is set).",
+    rich_markup_mode=None,  # plain help, as the main app (see cli_app)
+)
 app.add_typer(server_app, name="server")
 
 

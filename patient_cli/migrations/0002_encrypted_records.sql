@@ -13,8 +13,16 @@ DO $$
 DECLARE
     seq text := pg_get_serial_sequence('patient_records', 'id');
     pk text;
+    top bigint;
 BEGIN
     EXECUTE format('ALTER SEQUENCE %s AS bigint', seq);
+    -- Rows loaded with explicit ids (a restore, a hand-made INSERT) may have left
+    -- the sequence behind them: new ids must continue after every old one.
+    SELECT max(id) INTO top FROM patient_records;
+    IF top IS NOT NULL THEN
+        EXECUTE format('SELECT setval(%L, greatest(%s, (SELECT last_value FROM %s)))',
+                       seq, top, seq);
+    END IF;
     -- Distributable by username: the primary key must include it.
     SELECT conname INTO pk FROM pg_constraint
      WHERE conrelid = 'patient_records'::regclass AND contype = 'p';

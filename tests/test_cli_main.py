@@ -1,0 +1,52 @@
+"""The real entry point: command-line mistakes are one line and exit 2, like
+every other error, in plain text or JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from patient_cli.cli import main
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(stopped.value.code or 0), out, err
+
+
+def test_bad_argument_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["export-file", "abc"], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.splitlines() == [
+        "Error: Invalid value for 'record_id': Input should be a valid integer, unable to "
+        "parse string as an integer (see 'patient-records export-file --help')"
+    ]
+
+
+def test_unknown_option_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run_main(["list", "--bogus", "--format", "json"], capsys)
+    assert code == 2
+    assert json.loads(err) == {
+        "error": "No such option: --bogus (see 'patient-records list --help')",
+        "code": 2,
+        "type": "usage_error",
+    }
+
+
+def test_version_and_help_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["--version"], capsys)
+    assert (code, out.strip()) == (0, "patient-records 0.1.0")
+    code, out, _ = run_main(["add", "--help"], capsys)
+    assert code == 0
+    assert "--record-name" in out and "--data-file" in out
+
+
+def test_bare_command_shows_help_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main([], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("Usage: patient-records")
