@@ -1,0 +1,695 @@
+"""The service behind `import`: every file of a folder becomes one record, fast,
+idempotently, and safely when two imports run at once.
+
+Files stream from `scan` in sorted order. Small files are encrypted into
+batches sent by binary COPY (from a thread, while the next batch is encrypted),
+large ones streamed in chunks, both through `store`. Work is committed about
+once a second with one audit event per commit, so a killed run keeps nearly all
+it did, and a rerun skips every file whose keyed fingerprint is already stored
+for its user (unique in the database, so a concurrent run skips too). One bad
+file is reported and the import goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from patient_cli import scan, sql, store
+from patient_cli.app_secrets import FINGERPRINT_KEY
+from patient_cli.audit import AuditEvent, append_event, audited
+from patient_cli.crypto import Keyring
+from patient_cli.db import translate_db_errors
+from patient_cli.errors import UsageError
+from patient_cli.inputs import (
+    check_record_data,
+    check_record_name,
+    check_username,
+    open_regular_file,
+)
+from patient_cli.mime import detect_mime_type
+from patient_cli.session import Session
+
+NameFrom = Literal["stem", "name", "relpath"]
+Status = Literal["imported", "would_import", "skipped", "failed"]
+
+# Commit about once a second (and after this many bytes), so a killed run loses
+# at most about a second of work while commits stay cheap.
+COMMIT_SECONDS = 1.0
+COMMIT_BYTES = 32 << 20
+# Small files go to the server by COPY in batches of this size.
+BATCH_FILES = 500
+BATCH_BYTES = 8 << 20
+ID_BLOCK = 500
+# Files whose size matches a stored file's are checked in one query per this many.
+CHECK_FILES = 500
+CHECK_BYTES = 8 << 20
+# A deadlock with another import over overlapping folders: redo that second of work.
+UNIT_ATTEMPTS = 3
+
+# Failure codes besides those of `scan`.
+VANISHED = "vanished"
+CHANGED = "changed_while_reading"
+DATABASE_REJECTED = "database_rejected"
+# Per-file database errors: the file's data was refused; the next file may be fine.
+_FILE_DB_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    root: Path
+    username: str | None = None
+    username_from_dir: bool = False
+    recursive: bool = True
+    include_hidden: bool = False
+    globs: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    name_from: NameFrom = "stem"
+    record_data: str | None = None
+    allow_duplicates: bool = False
+    dry_run: bool = False
+
+    @property
+    def scan_options(self) -> scan.ScanOptions:
+        return scan.ScanOptions(
+            self.root,
+            self.recursive,
+            self.include_hidden,
+            self.globs,
+            self.excludes,
+            self.username_from_dir,
+        )
+
+
+@dataclass
+class FileOutcome:
+    """What became of one file; reported only once it is committed."""
+
+    path: str
+    status: Status
+    username: str | None
+    size: int | None = None
+    record_id: int | None = None
+    error: str | None = None
+    code: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "path": self.path,
+            "status": self.status,
+            "username": self.username,
+            "size": self.size,
+            "record_id": self.record_id,
+        }
+        if self.status == "failed":
+            out["error"] = self.error
+            out["code"] = self.code
+        return out
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    error: str
+    code: str
+
+
+@dataclass
+class ImportSummary:
+    """Counts and timing of a whole run; only failures are kept per file."""
+
+    imported: int = 0
+    would_import: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def files(self) -> int:
+        return self.imported + self.would_import + self.skipped + self.failed
+
+    @property
+    def files_per_second(self) -> float:
+        return round(self.files / self.seconds, 1) if self.seconds > 0 else 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        return round(self.bytes / 1e6 / self.seconds, 2) if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "imported": self.imported,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "files_per_second": self.files_per_second,
+            "mb_per_second": self.mb_per_second,
+            "failures": [{"path": f.path, "error": f.error, "code": f.code} for f in self.failures],
+            "dry_run": self.dry_run,
+        }
+        if self.dry_run:
+            out["would_import"] = self.would_import
+        return out
+
+
+OutcomeCallback = Callable[[FileOutcome], None]
+BytesCallback = Callable[[int], None]
+
+
+def check_request(request: ImportRequest) -> None:
+    """Input errors (exit 2) before any key or database work."""
+    if request.username_from_dir:
+        if request.username is not None:
+            raise UsageError("give either --username or --username-from-dir, not both")
+    elif request.username is None:
+        raise UsageError("username must not be empty (or use --username-from-dir)")
+    else:
+        check_username(request.username)
+    check_record_data(request.record_data)
+    scan.check_root(request.root)
+
+
+def count_planned(request: ImportRequest) -> tuple[int, int]:
+    """Files an import would look at and their total size (for a progress bar)."""
+    return scan.count_files(request.scan_options)
+
+
+def import_folder(
+    session: Session,
+    request: ImportRequest,
+    on_outcome: OutcomeCallback | None = None,
+    on_bytes: BytesCallback | None = None,
+) -> ImportSummary:
+    """Import every file under `request.root`; see the module docstring."""
+    started = time.monotonic()
+    check_request(request)
+    keyring = session.keyring
+    run_event = AuditEvent("import")
+    with translate_db_errors(), audited(session, run_event):
+        session.load_secrets()
+        if session.conn.info.transaction_status != TransactionStatus.IDLE:
+            session.conn.commit()
+        job = _ImportJob(session, request, keyring, run_event, on_outcome, on_bytes)
+        job.run(scan.scan(request.scan_options))
+    job.summary.seconds = time.monotonic() - started
+    return job.summary
+
+
+_Pending = tuple[FileOutcome, store.PreparedRecord]
+
+
+@dataclass(frozen=True)
+class _Check:
+    """A small file read, whose content may already be stored (fingerprint set)."""
+
+    item: scan.ScanItem
+    username: str
+    record_name: str
+    data: bytes
+    fingerprint: bytes | None
+
+
+class _FileChanged(Exception):
+    """The file changed while it was being stored: undo its savepoint."""
+
+
+class _ImportJob:
+    """One run's state: the open batch, this second's outcomes, and totals."""
+
+    def __init__(
+        self,
+        session: Session,
+        request: ImportRequest,
+        keyring: Keyring,
+        run_event: AuditEvent,
+        on_outcome: OutcomeCallback | None,
+        on_bytes: BytesCallback | None,
+    ) -> None:
+        self.session = session
+        self.conn = session.conn
+        self.request = request
+        self.keyring = keyring
+        self.fingerprint_key = session.secret(FINGERPRINT_KEY)
+        self.dedupe = not request.allow_duplicates
+        self.run_event = run_event
+        self.on_outcome = on_outcome
+        self.on_bytes = on_bytes
+        self.summary = ImportSummary(dry_run=request.dry_run)
+        self.audited_once = False
+        # This unit of work (one transaction): outcomes in scan order, and the
+        # prepared small records not yet sent.
+        self.unit: list[FileOutcome] = []
+        self.unit_ids: list[int] = []
+        self.unit_bytes = 0
+        self.pending: list[_Pending] = []
+        self.pending_bytes = 0
+        # The batch being sent by a background thread, and what came of it.
+        self.flushing: threading.Thread | None = None
+        self.flushed: tuple[list[_Pending], list[store.StoredRecord | None]] | None = None
+        self.flush_error: BaseException | None = None
+        self.free_ids: list[int] = []
+        # Small files waiting for one query to tell which are already stored.
+        self.checks: list[_Check] = []
+        self.checks_bytes = 0
+        # File sizes already fingerprinted for the current user: only a file of
+        # such a size can be a duplicate, so only those are hashed up front.
+        self.sizes_user: str | None = None
+        self.sizes: set[int] = set()
+
+    # -- the run ----------------------------------------------------------------
+
+    def run(self, items: Iterator[scan.ScanItem]) -> None:
+        if self.request.dry_run:
+            for item in items:
+                self._process(item)
+                self._settle()
+            self._run_checks()
+            self._settle()
+            self._audit(last=True)
+            self.conn.commit()
+            return
+        source: Iterator[scan.ScanItem] = items
+        more = True
+        while more:
+            more, source = self._run_unit(source)
+
+    def _run_unit(self, items: Iterator[scan.ScanItem]) -> tuple[bool, Iterator[scan.ScanItem]]:
+        """Process files for about a second in one transaction and commit.
+
+        Returns whether files remain, and the iterator to continue from.
+        """
+        for attempt in range(UNIT_ATTEMPTS):
+            taken: list[scan.ScanItem] = []
+            try:
+                with self.conn.transaction():
+                    try:
+                        more = self._fill_unit(items, taken)
+                        self._run_checks()
+                        self._flush()
+                        self._audit(last=not more)
+                    finally:
+                        self._stop_background_flush()
+            except psycopg.OperationalError as exc:
+                # A deadlock with another import over overlapping folders
+                # (SQLSTATE class 40, "transaction rollback") rolled this unit
+                # back: redo its files (each is then stored or skipped).
+                if not (exc.sqlstate or "").startswith("40") or attempt == UNIT_ATTEMPTS - 1:
+                    raise
+                self._reset_unit()
+                items = itertools.chain(taken, items)
+                continue
+            self._settle()
+            return more, items
+        raise AssertionError("unreachable")
+
+    def _fill_unit(self, items: Iterator[scan.ScanItem], taken: list[scan.ScanItem]) -> bool:
+        started = time.monotonic()
+        for item in items:
+            taken.append(item)
+            self._process(item)
+            if time.monotonic() - started >= COMMIT_SECONDS or self.unit_bytes >= COMMIT_BYTES:
+                return True
+        return False
+
+    def _reset_unit(self) -> None:
+        self.checks.clear()
+        self.checks_bytes = 0
+        self.unit.clear()
+        self.unit_ids.clear()
+        self.pending.clear()
+        self.unit_bytes = self.pending_bytes = 0
+        self.free_ids.clear()
+        self.sizes_user = None
+
+    def _audit(self, last: bool) -> None:
+        """One event per commit that stored something, and at least one per run."""
+        if not self.unit_ids and (self.audited_once or not last):
+            return
+        counts = {"imported": 0, "would_import": 0, "skipped": 0, "failed": 0}
+        usernames = set()
+        for outcome in self.unit:
+            counts[outcome.status] += 1
+            if outcome.username is not None:
+                usernames.add(outcome.username)
+        details: dict[str, int | str] = {
+            "imported": counts["imported"],
+            "skipped": counts["skipped"],
+            "failed": counts["failed"],
+        }
+        if self.request.dry_run:
+            details = {
+                "dry_run": 1,
+                "would_import": self.summary.would_import,
+                "skipped": self.summary.skipped,
+                "failed": self.summary.failed,
+            }
+        append_event(self.session, AuditEvent("import", usernames, list(self.unit_ids), details))
+        self.audited_once = True
+
+    def _settle(self) -> None:
+        """Count and report this unit's outcomes (called once they are committed)."""
+        summary = self.summary
+        for outcome in self.unit:
+            if outcome.status == "imported":
+                summary.imported += 1
+                summary.bytes += outcome.size or 0
+            elif outcome.status == "would_import":
+                summary.would_import += 1
+            elif outcome.status == "skipped":
+                summary.skipped += 1
+            else:
+                summary.failed += 1
+                summary.failures.append(
+                    Failure(outcome.path, outcome.error or "failed", outcome.code or "failed")
+                )
+            if outcome.username is not None:
+                self.run_event.usernames.add(outcome.username)
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
+        self.run_event.details = {
+            "imported": summary.imported,
+            "skipped": summary.skipped,
+            "failed": summary.failed,
+        }
+        self.unit.clear()
+        self.unit_ids.clear()
+        self.unit_bytes = 0
+
+    # -- one file ---------------------------------------------------------------
+
+    def _process(self, item: scan.ScanItem) -> None:
+        username = self.request.username or item.username
+        if item.problem is not None:
+            self._fail(item, username, item.problem.code, item.problem.error)
+            return
+        assert username is not None
+        try:
+            record_name = check_record_name(self._record_name(item))
+        except UsageError as exc:
+            self._fail(item, username, scan.BAD_NAME, exc.message)
+            return
+        try:
+            source, size = open_regular_file(Path(item.path))
+        except UsageError as exc:
+            self._fail(item, username, _open_failure_code(exc.message), exc.message)
+            return
+        try:
+            with source:
+                if size <= store.CHUNK_SIZE:
+                    self._small(item, username, record_name, source)
+                else:
+                    self._large(item, username, record_name, source)
+        except _FileChanged:
+            self._fail(item, username, CHANGED, "file changed while it was read")
+        except UsageError as exc:
+            self._fail(item, username, scan.UNREADABLE, exc.message)
+
+    def _record_name(self, item: scan.ScanItem) -> str:
+        if self.request.name_from == "name":
+            return item.name
+        if self.request.name_from == "relpath":
+            return item.user_rel
+        # The name without its last extension, as pathlib's `stem` has it.
+        name = item.name
+        dot = name.rfind(".")
+        return name[:dot] if 0 < dot < len(name) - 1 else name
+
+    def _content(
+        self, item: scan.ScanItem, username: str, record_name: str, head: bytes
+    ) -> store.RecordContent:
+        mime = detect_mime_type(item.name, head)
+        return store.RecordContent(username, record_name, self.request.record_data, item.name, mime)
+
+    def _small(
+        self, item: scan.ScanItem, username: str, record_name: str, source: BinaryIO
+    ) -> None:
+        before = os.fstat(source.fileno())
+        data = store.read_head(source)
+        if len(data) != before.st_size or _changed(before, os.fstat(source.fileno())):
+            raise _FileChanged()
+        if self.on_bytes is not None:
+            self.on_bytes(len(data))
+        fingerprint = None
+        if self.dedupe and self._size_stored(username, len(data)):
+            fingerprint = store.file_fingerprint(
+                self.fingerprint_key, hashlib.sha256(data).digest()
+            )
+        if fingerprint is None and not self.checks:
+            self._take_small(item, username, record_name, data)
+            return
+        # Possibly stored already: ask the database about many such files at once.
+        # Later files queue behind it, so records still go in in scan order.
+        self.checks.append(_Check(item, username, record_name, data, fingerprint))
+        self.checks_bytes += len(data)
+        if len(self.checks) >= CHECK_FILES or self.checks_bytes >= CHECK_BYTES:
+            self._run_checks()
+
+    def _take_small(
+        self, item: scan.ScanItem, username: str, record_name: str, data: bytes
+    ) -> None:
+        """Encrypt a small file into the pending batch (or note it, in a dry run)."""
+        if self.request.dry_run:
+            self._add(FileOutcome(item.shown, "would_import", username, len(data)))
+            return
+        content = self._content(item, username, record_name, data)
+        prepared = store.prepare_small(
+            self.keyring, self.fingerprint_key, self._next_id(), content, data, self.dedupe
+        )
+        outcome = FileOutcome(item.shown, "imported", username, len(data))
+        self._add(outcome)
+        self.pending.append((outcome, prepared))
+        self.pending_bytes += len(data)
+        self.unit_bytes += len(data)
+        if len(self.pending) >= BATCH_FILES or self.pending_bytes >= BATCH_BYTES:
+            self._flush(wait=False)
+
+    def _large(
+        self, item: scan.ScanItem, username: str, record_name: str, source: BinaryIO
+    ) -> None:
+        self._run_checks()  # files before this one go in first
+        before = os.fstat(source.fileno())
+        size = before.st_size
+        if self.dedupe and self._already_stored(username, size, lambda: _hash_file(source)):
+            if self.on_bytes is not None:
+                self.on_bytes(size)
+            self._add(FileOutcome(item.shown, "skipped", username, size))
+            return
+        if self.request.dry_run:
+            self._add(FileOutcome(item.shown, "would_import", username, size))
+            return
+        source.seek(0)
+        head = store.read_head(source)
+        content = self._content(item, username, record_name, head)
+        # Keep inserts in scan order (two runs over one folder then take row
+        # locks in the same order and cannot deadlock).
+        self._flush()
+        try:
+            with self.conn.transaction():
+                stored = store.store_streamed(
+                    self.conn,
+                    self.keyring,
+                    self.fingerprint_key,
+                    content,
+                    source,
+                    head,
+                    dedupe=self.dedupe,
+                    on_bytes=self.on_bytes,
+                )
+                if stored is not None and (
+                    stored.file_size != size or _changed(before, os.fstat(source.fileno()))
+                ):
+                    raise _FileChanged()
+        except _FILE_DB_ERRORS as exc:
+            self._fail(item, username, DATABASE_REJECTED, _db_rejection(exc))
+            return
+        self.unit_bytes += size
+        if stored is None:
+            self._add(FileOutcome(item.shown, "skipped", username, size))
+            return
+        self.unit_ids.append(stored.record_id)
+        self._add(FileOutcome(item.shown, "imported", username, size, stored.record_id))
+
+    def _size_stored(self, username: str, size: int) -> bool:
+        """Whether some file of this size is stored for `username`: only then can
+        this one be a duplicate, so only then is it hashed before encrypting."""
+        if username != self.sizes_user:
+            self._run_checks()  # they are the previous user's
+            self._finish_flush()
+            with self.conn.cursor() as cur:
+                cur.execute(sql.SELECT_FINGERPRINTED_SIZES, (username,))
+                self.sizes = {int(row[0]) for row in cur}
+            self.sizes_user = username
+        return size in self.sizes
+
+    def _run_checks(self) -> None:
+        """Skip the queued files whose content is stored; take in the others."""
+        if not self.checks:
+            return
+        checks, self.checks = self.checks, []
+        self.checks_bytes = 0
+        asked = [c.fingerprint for c in checks if c.fingerprint is not None]
+        stored: set[bytes] = set()
+        if asked:
+            self._finish_flush()
+            with self.conn.cursor() as cur:
+                cur.execute(sql.STORED_FINGERPRINTS, (checks[0].username, asked))
+                stored = {bytes(row[0]) for row in cur}
+        for check in checks:
+            if check.fingerprint is not None and check.fingerprint in stored:
+                outcome = FileOutcome(check.item.shown, "skipped", check.username, len(check.data))
+                self._add(outcome)
+            else:
+                self._take_small(check.item, check.username, check.record_name, check.data)
+
+    def _already_stored(self, username: str, size: int, digest: Callable[[], bytes]) -> bool:
+        """Whether this (large) file's content is already stored for `username`."""
+        if not self._size_stored(username, size):
+            return False
+        fingerprint = store.file_fingerprint(self.fingerprint_key, digest())
+        self._finish_flush()
+        with self.conn.cursor() as cur:
+            cur.execute(sql.FINGERPRINT_EXISTS, (username, fingerprint))
+            row = cur.fetchone()
+        return bool(row and row[0])
+
+    def _next_id(self) -> int:
+        if not self.free_ids:
+            self._finish_flush()
+            self.free_ids = store.reserve_ids(self.conn, ID_BLOCK)
+            self.free_ids.reverse()
+        return self.free_ids.pop()
+
+    def _flush(self, wait: bool = True) -> None:
+        """Send the pending small records; with wait=False a thread sends them
+        while this one reads and encrypts the next batch (it mostly waits on the
+        server, without the GIL). Nothing else uses the connection meanwhile:
+        every other database call first waits for it (_finish_flush)."""
+        self._finish_flush()
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        self.pending_bytes = 0
+        if wait:
+            self._apply(pending, self._insert_batch(pending))
+            return
+
+        def send() -> None:
+            try:
+                self.flushed = (pending, self._insert_batch(pending))
+            except BaseException as exc:  # re-raised by _finish_flush
+                self.flush_error = exc
+
+        self.flushing = threading.Thread(target=send, name="import-flush", daemon=True)
+        self.flushing.start()
+
+    def _finish_flush(self) -> None:
+        """Wait for the background batch, if any, and take in its results."""
+        if self.flushing is None:
+            return
+        self.flushing.join()
+        self.flushing = None
+        error, self.flush_error = self.flush_error, None
+        if error is not None:
+            raise error
+        done, self.flushed = self.flushed, None
+        assert done is not None
+        self._apply(*done)
+
+    def _stop_background_flush(self) -> None:
+        """Never end the transaction while a batch is being sent; after an error
+        its outcome no longer matters (the transaction rolls back)."""
+        if self.flushing is not None:
+            self.flushing.join()
+            self.flushing = None
+            self.flushed = None
+            self.flush_error = None
+
+    def _insert_batch(self, pending: list[_Pending]) -> list[store.StoredRecord | None]:
+        """Insert by COPY; if that fails (a duplicate, or a row the database
+        refuses), by INSERT ... ON CONFLICT DO NOTHING; if a row is refused, one
+        at a time so that only its file fails."""
+        batch = [prepared for _, prepared in pending]
+        try:
+            with self.conn.transaction():
+                return list(store.copy_prepared(self.conn, batch))
+        except _FILE_DB_ERRORS:
+            pass
+        try:
+            with self.conn.transaction():
+                return store.insert_prepared(self.conn, batch)
+        except _FILE_DB_ERRORS:
+            return [self._insert_alone(outcome, prepared) for outcome, prepared in pending]
+
+    def _apply(self, pending: list[_Pending], results: list[store.StoredRecord | None]) -> None:
+        for (outcome, _), stored in zip(pending, results, strict=True):
+            if outcome.status == "failed":
+                continue
+            if stored is None:
+                outcome.status = "skipped"
+            else:
+                outcome.record_id = stored.record_id
+                self.unit_ids.append(stored.record_id)
+
+    def _insert_alone(
+        self, outcome: FileOutcome, prepared: store.PreparedRecord
+    ) -> store.StoredRecord | None:
+        try:
+            with self.conn.transaction():
+                return store.insert_prepared(self.conn, [prepared])[0]
+        except _FILE_DB_ERRORS as exc:
+            outcome.status = "failed"
+            outcome.code = DATABASE_REJECTED
+            outcome.error = _db_rejection(exc)
+            return None
+
+    def _add(self, outcome: FileOutcome) -> None:
+        self.unit.append(outcome)
+
+    def _fail(self, item: scan.ScanItem, username: str | None, code: str, error: str) -> None:
+        self._run_checks()  # keep outcomes in scan order
+        self.unit.append(FileOutcome(item.shown, "failed", username, error=error, code=code))
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
+
+
+def _hash_file(source: BinaryIO) -> bytes:
+    hasher = hashlib.sha256()
+    while True:
+        try:
+            piece = source.read(store.CHUNK_SIZE)
+        except OSError as exc:
+            raise UsageError(f"cannot read file: {exc.strerror or exc}") from None
+        if not piece:
+            return hasher.digest()
+        hasher.update(piece)
+
+
+def _open_failure_code(message: str) -> str:
+    if message.startswith("file not found"):
+        return VANISHED
+    if message.startswith("not a regular file"):
+        return scan.NOT_REGULAR
+    if "symbolic links" in message:
+        return scan.SYMLINK_LOOP
+    return scan.UNREADABLE
+
+
+def _db_rejection(exc: psycopg.Error) -> str:
+    # The server's message may quote the offending value: name only the class.
+    return f"the database refused this file (SQLSTATE {exc.sqlstate}: {type(exc).__name__})"
