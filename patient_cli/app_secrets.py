@@ -55,5 +55,7 @@ def _check_key_reads_stored_records(conn: Connection, keyring: Keyring) -> None:
         row = cur.fetchone()
     if row is not None:
         record_id, meta, legacy_data = row
-        token = meta if meta is not None else legacy_data.encode("ascii")
-        keyring.decrypt(token, what=f"record {record_id}")
+        if meta is not None:
+            keyring.decrypt(meta, what=f"record {record_id}")
+        else:
+            keyring.decrypt_text_token(legacy_data, what=f"record {record_id}")

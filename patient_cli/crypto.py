@@ -1,5 +1,8 @@
 """Fernet encryption with several keys: the first encrypts, every key decrypts.
 
+Tokens are stored in binary form (see FernetKey); the original service's text
+tokens are read with `decrypt_text_token`.
+
 Keys are identified by a short public id (a truncated hash), which is what the
 database stores next to each token and what `status` shows; the key itself is
 never printed.
@@ -10,9 +13,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
+import struct
+import time
 from collections.abc import Sequence
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.exceptions import InvalidSignature
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.hmac import HMAC
 
 from patient_cli.errors import ConfigError, DecryptionFailed
 
@@ -52,14 +62,78 @@ def parse_keys(text: str) -> list[bytes]:
     return keys
 
 
+FERNET_VERSION = 0x80
+_HEADER = struct.Struct(">BQ")  # version, timestamp
+_IV_SIZE = 16
+_MAC_SIZE = 32
+_MIN_TOKEN = _HEADER.size + _IV_SIZE + 16 + _MAC_SIZE
+
+
+class FernetKey:
+    """One Fernet key, producing and opening tokens in binary form.
+
+    A token here is exactly a Fernet token (version, timestamp, IV, AES-128-CBC
+    ciphertext, HMAC-SHA256) before its base64 encoding: base64url-encode it and
+    cryptography's Fernet decrypts it, and vice versa. Storing it unencoded saves
+    a quarter of the bytes, and skipping the encode/decode halves the CPU time,
+    which is the ceiling for large files.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        raw = base64.urlsafe_b64decode(key)
+        if len(raw) != 32:
+            raise ValueError("a Fernet key is 32 bytes")
+        self._signing_key = raw[:16]
+        self._encryption_key = raw[16:]
+
+    def encrypt(self, plaintext: bytes, timestamp: int | None = None) -> bytes:
+        iv = os.urandom(_IV_SIZE)
+        pad = 16 - len(plaintext) % 16  # PKCS7
+        encryptor = Cipher(algorithms.AES(self._encryption_key), modes.CBC(iv)).encryptor()
+        body = b"".join(
+            (
+                _HEADER.pack(FERNET_VERSION, int(time.time()) if timestamp is None else timestamp),
+                iv,
+                encryptor.update(plaintext),
+                encryptor.update(bytes((pad,)) * pad),
+                encryptor.finalize(),
+            )
+        )
+        mac = HMAC(self._signing_key, SHA256())
+        mac.update(body)
+        return body + mac.finalize()
+
+    def decrypt(self, token: bytes) -> bytes | None:
+        """The plaintext, or None when this key did not make this (intact) token."""
+        view = memoryview(token)
+        if len(view) < _MIN_TOKEN or view[0] != FERNET_VERSION or (len(view) - 57) % 16:
+            return None
+        mac = HMAC(self._signing_key, SHA256())
+        mac.update(view[:-_MAC_SIZE])
+        try:
+            mac.verify(bytes(view[-_MAC_SIZE:]))  # constant-time comparison
+        except InvalidSignature:
+            return None
+        iv = bytes(view[_HEADER.size : _HEADER.size + _IV_SIZE])
+        decryptor = Cipher(algorithms.AES(self._encryption_key), modes.CBC(iv)).decryptor()
+        padded = decryptor.update(view[_HEADER.size + _IV_SIZE : -_MAC_SIZE]) + decryptor.finalize()
+        pad = padded[-1] if padded else 0
+        if not 1 <= pad <= 16 or padded[-pad:] != bytes((pad,)) * pad:
+            return None
+        return padded[:-pad]
+
+
+def token_timestamp(token: bytes) -> int:
+    return int(_HEADER.unpack_from(token)[1])
+
+
 class Keyring:
-    """The configured Fernet keys, newest (encrypting) first."""
+    """The configured Fernet keys, newest (encrypting) first; tokens in binary form."""
 
     def __init__(self, keys: Sequence[bytes]) -> None:
         if not keys:
             raise ConfigError("no encryption key configured")
-        self._fernets = [Fernet(k) for k in keys]
-        self._multi = MultiFernet(self._fernets)
+        self._keys = [FernetKey(k) for k in keys]
         self.key_ids = [key_id(k) for k in keys]
         self.primary_id = self.key_ids[0]
 
@@ -67,30 +141,33 @@ class Keyring:
         return f"Keyring(key_ids={self.key_ids!r})"
 
     def encrypt(self, plaintext: bytes) -> bytes:
-        return self._fernets[0].encrypt(plaintext)
+        return self._keys[0].encrypt(plaintext)
 
     def decrypt(self, token: bytes | memoryview, what: str = "data") -> bytes:
-        try:
-            return self._multi.decrypt(bytes(token))
-        except InvalidToken:
-            raise DecryptionFailed(f"cannot decrypt {what}: wrong key or tampered data") from None
-
-    def rotate(self, token: bytes | memoryview, what: str = "data") -> bytes:
-        """Re-encrypt a token under the first key, keeping its plaintext and timestamp."""
-        try:
-            return self._multi.rotate(bytes(token))
-        except InvalidToken:
-            raise DecryptionFailed(f"cannot decrypt {what}: wrong key or tampered data") from None
+        return self.decrypt_with_id(token, what)[0]
 
     def decrypt_with_id(self, token: bytes | memoryview, what: str = "data") -> tuple[bytes, str]:
         """Decrypt and also say which key did it (for rotation bookkeeping)."""
         raw = bytes(token)
-        for fernet, kid in zip(self._fernets, self.key_ids, strict=True):
-            try:
-                return fernet.decrypt(raw), kid
-            except InvalidToken:
-                continue
+        for key, kid in zip(self._keys, self.key_ids, strict=True):
+            plain = key.decrypt(raw)
+            if plain is not None:
+                return plain, kid
         raise DecryptionFailed(f"cannot decrypt {what}: wrong key or tampered data")
+
+    def rotate(self, token: bytes | memoryview, what: str = "data") -> bytes:
+        """Re-encrypt a token under the first key, keeping its plaintext and timestamp."""
+        raw = bytes(token)
+        plain = self.decrypt(raw, what)
+        return self._keys[0].encrypt(plain, timestamp=token_timestamp(raw))
+
+    def decrypt_text_token(self, token: str, what: str = "data") -> bytes:
+        """Decrypt a standard (base64) Fernet token, as the original service stored."""
+        try:
+            raw = base64.urlsafe_b64decode(token.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise DecryptionFailed(f"cannot decrypt {what}: wrong key or tampered data") from None
+        return self.decrypt(raw, what)
 
 
 def keyed_digest(key: bytes, *parts: bytes) -> bytes:

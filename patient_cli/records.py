@@ -184,7 +184,7 @@ def _summary(keyring: Any, row: tuple[Any, ...]) -> RecordSummary:
     ) = row
     if meta_token is None:  # written by the original service
         data = (
-            keyring.decrypt(legacy_data.encode("ascii"), what=f"record {record_id}").decode("utf-8")
+            keyring.decrypt_text_token(legacy_data, what=f"record {record_id}").decode("utf-8")
             if legacy_data is not None
             else None
         )

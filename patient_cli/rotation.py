@@ -444,7 +444,7 @@ def legacy_record_data(keyring: Keyring, token: str | None, record_id: int) -> s
     if token is None:
         return None
     try:
-        plain = keyring.decrypt(token.encode("ascii"), what=f"record {record_id}")
+        plain = keyring.decrypt_text_token(token, what=f"record {record_id}")
     except UnicodeEncodeError:
         raise DecryptionFailed(f"cannot decrypt record {record_id}: not a Fernet token") from None
     try:
