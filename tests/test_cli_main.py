@@ -22,8 +22,8 @@ def test_bad_argument_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2
     assert out == ""
     assert err.splitlines() == [
-        "Error: Invalid value for 'record_id': Input should be a valid integer, unable to "
-        "parse string as an integer (see 'patient-records export-file --help')"
+        "Error: Invalid value for 'record_id': 'abc' is not a valid int. "
+        "(see 'patient-records export-file --help')"
     ]
 
 
