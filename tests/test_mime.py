@@ -78,3 +78,25 @@ def test_multibyte_character_cut_at_the_sniff_boundary_is_still_text() -> None:
 def test_invalid_utf8_before_the_boundary_is_binary() -> None:
     text = b"a" * 100 + b"\xff" + b"a" * (SNIFF_BYTES * 2)
     assert detect_mime_type("noext", text) == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"GIF89a" + bytes(10), "image/gif"),
+        (b"II*\x00" + bytes(10), "image/tiff"),
+        (bytes(128) + b"DICM" + bytes(10), "application/dicom"),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp"),
+        (b"\x00\x00\x00\x18ftypheic" + bytes(8), "image/heic"),
+        (b"\x00\x00\x00\x18ftypisom" + bytes(8), "video/mp4"),
+        (b"\x1f\x8b\x08\x00" + bytes(8), "application/gzip"),
+    ],
+)
+def test_magic_numbers_without_a_telling_name(head: bytes, expected: str) -> None:
+    assert detect_mime_type("scan", head) == expected
+
+
+def test_ole_container_is_named_by_its_suffix() -> None:
+    ole = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(100)
+    assert detect_mime_type("old.doc", ole) == "application/msword"
+    assert detect_mime_type("old", ole) == "application/x-ole-storage"
