@@ -13,12 +13,15 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from patient_cli.errors import EXIT_INTERRUPTED, PatientRecordsError
 from patient_cli.output import Format, Messages, resolve_format
+
+if TYPE_CHECKING:
+    from patient_cli.session import Session
 
 T = TypeVar("T")
 
@@ -67,6 +70,14 @@ class GlobalOptions:
 
 
 GLOBAL = GlobalOptions()
+
+
+def open_session(actor: str | None = None) -> Session:
+    """A service-layer session for the configuration in effect (connects lazily)."""
+    from patient_cli.config import load_settings
+    from patient_cli.session import Session
+
+    return Session(load_settings(), actor_name=actor)
 
 
 class Terminated(BaseException):

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from patient_cli.cli_app import ActorOption, FormatOption, QuietOption, app, run_command
+from patient_cli.cli_app import (
+    ActorOption,
+    FormatOption,
+    QuietOption,
+    app,
+    open_session,
+    run_command,
+)
 from patient_cli.errors import ConfigError
 from patient_cli.output import Format, Messages, print_json, print_pairs
 
@@ -19,11 +26,9 @@ def init_db(
     """Create or upgrade the database schema (idempotent)."""
 
     def body(messages: Messages, out: Format) -> None:
-        from patient_cli.config import load_settings
         from patient_cli.initdb import init_db as run_init
-        from patient_cli.session import Session
 
-        with Session(load_settings(), actor_name=actor) as session:
+        with open_session(actor) as session:
             result = run_init(session)
         report = result.report
         if result.generated_key_file is not None:

@@ -17,6 +17,7 @@ from patient_cli.cli_app import (
     QuietOption,
     UsernameOption,
     app,
+    open_session,
     run_command,
 )
 from patient_cli.errors import BatchIncomplete
@@ -87,9 +88,7 @@ def import_(
     """Import every file of a folder, one record per file (skips content already stored)."""
 
     def body(messages: Messages, out: Format) -> None:
-        from patient_cli.config import load_settings
         from patient_cli.importer import ImportRequest, check_request, import_folder
-        from patient_cli.session import Session
 
         request = ImportRequest(
             root=folder,
@@ -108,7 +107,7 @@ def import_(
         progress = _Progress.start(request) if not quiet and sys.stderr.isatty() else None
         on_outcome = _outcome_printer(out, progress, dry_run)
         try:
-            with Session(load_settings(), actor_name=actor) as session:
+            with open_session(actor) as session:
                 summary = import_folder(
                     session,
                     request,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -15,17 +15,11 @@ from patient_cli.cli_app import (
     QuietOption,
     UsernameOption,
     app,
+    open_session,
     run_command,
 )
 from patient_cli.errors import UsageError
 from patient_cli.output import Format, Messages, human_size, print_json, print_ndjson, print_table
-
-
-def _session(actor: str | None) -> Any:
-    from patient_cli.config import load_settings
-    from patient_cli.session import Session
-
-    return Session(load_settings(), actor_name=actor)
 
 
 def _read_text_input(data: str | None, data_file: Path | None) -> str | None:
@@ -74,7 +68,7 @@ def add(
         from patient_cli.records import AddRequest, add_record
 
         text = _read_text_input(data, data_file)
-        with _session(actor) as session:
+        with open_session(actor) as session:
             result = add_record(
                 session,
                 AddRequest(username or "", name or "", text, file, mime_type),
@@ -162,7 +156,7 @@ def list_(
             until=parse_when(until, "--until", end_of_day=True),
             name_contains=name_contains,
         )
-        with _session(actor) as session:
+        with open_session(actor) as session:
             found = list_records(session, query)
         rows = [
             {
@@ -227,7 +221,7 @@ def export_file(
     def body(messages: Messages, out: Format) -> None:
         from patient_cli import export
 
-        with _session(actor) as session:
+        with open_session(actor) as session:
             result = export.export_file(session, record_id, output, force, stdout=sys.stdout.buffer)
         if result.path == export.STDOUT:
             messages.info(f"exported record {result.record_id} ({human_size(result.file_size)})")

@@ -16,6 +16,7 @@ from patient_cli.cli_app import (
     QuietOption,
     UsernameOption,
     app,
+    open_session,
     run_command,
 )
 from patient_cli.errors import BatchIncomplete, DecryptionFailed, IntegrityFailed, UsageError
@@ -31,14 +32,6 @@ from patient_cli.output import (
 
 if TYPE_CHECKING:
     from patient_cli.rotation import RotationResult
-    from patient_cli.session import Session
-
-
-def _session(actor: str | None) -> Session:
-    from patient_cli.config import load_settings
-    from patient_cli.session import Session
-
-    return Session(load_settings(), actor_name=actor)
 
 
 class _Bar:
@@ -119,7 +112,7 @@ def rotate_key(
         from patient_cli.rotation import rotate_key as run_rotation
 
         options = RotationOptions(dry_run=dry_run, batch_bytes=batch_mib << 20, jobs=jobs)
-        with _session(actor) as session, _progress(messages, "re-encrypting") as bar:
+        with open_session(actor) as session, _progress(messages, "re-encrypting") as bar:
             result = run_rotation(session, options, bar)
         summary = _rotation_summary(result)
         if out is Format.table:
@@ -206,7 +199,7 @@ def verify(
         from patient_cli.verify import verify as run_verify
 
         request = VerifyRequest(username, record, metadata_only)
-        with _session(actor) as session, _progress(messages, "verifying") as bar:
+        with open_session(actor) as session, _progress(messages, "verifying") as bar:
             report = run_verify(session, request, bar)
         payload = report_json(report)
         if out is Format.table:
@@ -262,7 +255,7 @@ def audit(
         from patient_cli.commands.records import parse_when
 
         query = AuditQuery(username, action, parse_when(since, "--since"), limit)
-        with _session(actor) as session:
+        with open_session(actor) as session:
             events = list_events(session, query)
         rows = [_event_json(e) for e in events]
         if out is Format.json:
@@ -294,7 +287,7 @@ def audit(
 def _verify_chain(messages: Messages, out: Format, actor: str | None) -> None:
     from patient_cli.audit import verify_chain
 
-    with _session(actor) as session:
+    with open_session(actor) as session:
         report = verify_chain(session)
     payload = {
         "ok": report.ok,
@@ -343,11 +336,9 @@ def status(fmt: FormatOption = None, quiet: QuietOption = False) -> None:
     """Show the configuration in effect (no secrets) and what each key still protects."""
 
     def body(messages: Messages, out: Format) -> None:
-        from patient_cli.config import load_settings
-        from patient_cli.session import Session
         from patient_cli.status import status as run_status
 
-        with Session(load_settings()) as session:
+        with open_session() as session:
             report = run_status(session)
         keys = [
             {
