@@ -23,7 +23,7 @@ from patient_cli.app_secrets import AUDIT_KEY
 from patient_cli.crypto import keyed_digest
 from patient_cli.db import translate_db_errors
 from patient_cli.errors import PatientRecordsError, UsageError
-from patient_cli.inputs import check_username
+from patient_cli.inputs import check_text, check_username
 from patient_cli.session import Session
 
 GENESIS_HASH = bytes(32)
@@ -183,6 +183,7 @@ def list_events(session: Session, query: AuditQuery) -> list[StoredEvent]:
         check_username(query.username)
     if query.limit is not None and not 0 < query.limit <= AUDIT_LIMIT_MAX:
         raise UsageError(f"--limit must be between 1 and {AUDIT_LIMIT_MAX}")
+    check_text(query.action, "--action")
     event = AuditEvent("audit")
     if query.username is not None:
         event.usernames.add(query.username)

@@ -75,9 +75,13 @@ GLOBAL = GlobalOptions()
 def open_session(actor: str | None = None) -> Session:
     """A service-layer session for the configuration in effect (connects lazily)."""
     from patient_cli.config import load_settings
+    from patient_cli.inputs import check_text
     from patient_cli.session import Session
 
-    return Session(load_settings(), actor_name=actor)
+    settings = load_settings()
+    check_text(actor, "--actor")
+    check_text(settings.actor, "PATIENT_RECORDS_ACTOR")
+    return Session(settings, actor_name=actor)
 
 
 class Terminated(BaseException):

@@ -59,6 +59,12 @@ def connect(settings: Settings) -> Connection:
 
 
 def _first_line(exc: BaseException) -> str:
+    # A server error's text goes on with DETAIL and CONTEXT lines, which may quote
+    # row values ("Failing row contains (...)", "Key (...)=(...)"): only its
+    # primary message is shown.
+    primary = exc.diag.message_primary if isinstance(exc, psycopg.Error) else None
+    if primary:
+        return primary.strip().splitlines()[0]
     text = str(exc).strip()
     # libpq puts the most specific reason last ("connection to server ... failed: X");
     # tab-indented lines only continue or explain the line above them.
@@ -77,5 +83,17 @@ def translate_db_errors() -> Iterator[None]:
         ) from None
     except pgerrors.InsufficientPrivilege as exc:
         raise ConfigError(f"the database refused the operation: {_first_line(exc)}") from None
+    except pgerrors.ReadOnlySqlTransaction as exc:
+        # A standby (e.g. right after a failover) or a server in read-only mode:
+        # every command writes at least its audit event.
+        raise DatabaseUnavailable(
+            f"the database accepts no writes (a standby, or read-only mode): {_first_line(exc)}"
+        ) from None
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if sqlstate and not sqlstate.startswith(("08", "57P")):
+            # The server is there but could not finish: disk full, a timeout, a deadlock.
+            raise DatabaseUnavailable(
+                f"the database could not complete the command: {_first_line(exc)}"
+            ) from None
         raise DatabaseUnavailable(f"lost the database connection: {_first_line(exc)}") from None

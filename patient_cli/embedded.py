@@ -37,6 +37,10 @@ MAX_SOCKET_PATH_BYTES = 100
 INITDB_TMP_PREFIX = "pgdata.init-"
 SHELL_SPECIAL = frozenset('"\\$`\n\r')
 SHELL_SPECIAL_SHOWN = '" \\ $ `'
+# kept out of the server's environment (see config.KEY_VARIABLES)
+_SECRET_VARIABLES = frozenset(
+    ("ENCRYPTION_KEY", "ENCRYPTION_KEY_FILE", "ENCRYPTION_KEY_COMMAND", "DB_PASSWORD")
+)
 
 NOT_INSTALLED = (
     "embedded PostgreSQL is not installed; configure a database (DATABASE_URL)"
@@ -295,7 +299,12 @@ def _is_serving(layout: _Layout) -> bool:
     if not layout.ready_marker.exists():
         return False
     _check_home(layout.home)
-    return layout.socket_file.exists() and _running_pid(layout) is not None
+    if not layout.socket_file.exists() or _running_pid(layout) is None:
+        return False
+    # A socket folder outside home (in /tmp) could have been replaced since the
+    # server made its socket there: connect only through our own private folder.
+    _check_socket_dir(layout.socket_dir)
+    return True
 
 
 def _running_pid(layout: _Layout) -> int | None:
@@ -521,8 +530,13 @@ def _run_logged(command: list[str], log_file: Path, timeout: float) -> int:
 
 def _tool_env() -> dict[str, str]:
     # PG* variables (PGDATA, PGPORT, PGOPTIONS, ...) would steer the tools elsewhere;
-    # initdb fails when LANG names a locale the system lacks
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+    # initdb fails when LANG names a locale the system lacks; the server outlives the
+    # command, and no key or password belongs in its environment
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PG") and key not in _SECRET_VARIABLES
+    }
     env.update(LC_ALL="C", LANG="C")
     return env
 

@@ -133,20 +133,37 @@ def export_file(
         if output == STDOUT:
             assert stdout is not None
             return _export_to_stream(session, record, event, stdout)
-        target = (
-            Path(output) if output else Path.cwd() / safe_file_name(record.file_name, record_id)
-        )
-        if target.is_dir():
-            target = target / safe_file_name(record.file_name, record_id)
-        if target.exists() and not force:
-            raise TargetExists(f"{target} already exists (use --force to overwrite)")
-        if target.exists() and not target.is_file():
-            # --force replaces files, never a device, FIFO or socket (e.g. /dev/null).
-            raise UsageError(f"{target} is not a regular file; not replacing it")
-        if not target.parent.is_dir():
-            raise UsageError(f"folder does not exist: {target.parent}")
-        size = _write_verified(session, record, target, force, event)
+        target, label = _target(output, record)
+        try:
+            exists = target.exists()
+            if exists and not force:
+                raise TargetExists(f"{label} already exists (use --force to overwrite)")
+            if exists and not target.is_file():
+                # --force replaces files, never a device, FIFO or socket (e.g. /dev/null).
+                raise UsageError(f"{label} is not a regular file; not replacing it")
+            if not target.parent.is_dir():
+                raise UsageError(f"folder does not exist: {target.parent}")
+        except OSError as exc:  # a folder we may not enter, a name too long, ...
+            raise UsageError(f"cannot write {label}: {exc.strerror}") from None
+        size = _write_verified(session, record, target, force, event, label)
     return ExportResult(record.record_id, record.username, str(target), size, record.mime_type)
+
+
+def _target(output: str | None, record: FileRecord) -> tuple[Path, str]:
+    """Where the file goes, and how messages name it: the stored file name is
+    patient content, so a path built from it is shown with a placeholder."""
+    stored_name = safe_file_name(record.file_name, record.record_id)
+    placeholder = f"<record {record.record_id}'s file name>"
+    if not output:
+        return Path.cwd() / stored_name, str(Path.cwd() / placeholder)
+    target = Path(output)
+    try:
+        into_folder = target.is_dir()
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
+    if into_folder:
+        return target / stored_name, str(target / placeholder)
+    return target, str(target)
 
 
 def _export_to_stream(
@@ -166,7 +183,7 @@ def _export_to_stream(
 
 
 def _write_verified(
-    session: Session, record: FileRecord, target: Path, force: bool, event: AuditEvent
+    session: Session, record: FileRecord, target: Path, force: bool, event: AuditEvent, label: str
 ) -> int:
     try:
         fd, tmp_name = tempfile.mkstemp(
@@ -179,15 +196,15 @@ def _write_verified(
         size = 0
         with os.fdopen(fd, "wb") as out:
             for piece in iter_file(session, record):
-                with _writing(target):
+                with _writing(label):
                     out.write(piece)
                 size += len(piece)
-            with _writing(target):
+            with _writing(label):
                 out.flush()
                 os.fsync(out.fileno())
         append_event(session, event)
         session.conn.commit()
-        _place(tmp, target, force)
+        _place(tmp, target, force, label)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -195,24 +212,26 @@ def _write_verified(
 
 
 @contextlib.contextmanager
-def _writing(target: Path) -> Iterator[None]:
-    """A full disk or an I/O error while writing becomes a one-line error."""
+def _writing(label: str) -> Iterator[None]:
+    """A full disk, an I/O error or a refused rename becomes a one-line error."""
     try:
         yield
     except OSError as exc:
-        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
+        raise UsageError(f"cannot write {label}: {exc.strerror}") from None
 
 
-def _place(tmp: Path, target: Path, force: bool) -> None:
+def _place(tmp: Path, target: Path, force: bool, label: str) -> None:
     if force:
-        os.replace(tmp, target)
+        with _writing(label):  # e.g. another user's file in a sticky folder
+            os.replace(tmp, target)
         return
     try:
         os.link(tmp, target)  # atomic, and never overwrites a file created meanwhile
     except FileExistsError:
-        raise TargetExists(f"{target} already exists (use --force to overwrite)") from None
+        raise TargetExists(f"{label} already exists (use --force to overwrite)") from None
     except OSError:
         # No hard links here (FAT USB sticks, some network shares): check, then rename.
         if os.path.lexists(target):
-            raise TargetExists(f"{target} already exists (use --force to overwrite)") from None
-        os.rename(tmp, target)
+            raise TargetExists(f"{label} already exists (use --force to overwrite)") from None
+        with _writing(label):
+            os.rename(tmp, target)

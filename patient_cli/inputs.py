@@ -45,6 +45,13 @@ def check_record_data(data: str | None) -> str | None:
     return data
 
 
+def check_text(text: str | None, what: str) -> str | None:
+    """Any other text option (an actor name, a filter): it must be valid UTF-8."""
+    if text is not None:
+        _check_text(text, what)
+    return text
+
+
 def decode_utf8(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")

@@ -42,23 +42,34 @@ def load_keyring(source: KeySource) -> Keyring:
 
 
 def read_key_file(path: Path) -> str:
+    # Checked and read through one descriptor, so the file checked is the file read.
     try:
-        info = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"key file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"key file is not a regular file: {path}")
-    if info.st_mode & 0o077:
-        raise ConfigError(
-            f"key file {path} is readable by group or others "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}); fix with: chmod 600 {path}"
-        )
     try:
-        return path.read_text(encoding="ascii")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"key file is not a regular file: {path}")
+        if info.st_mode & 0o077:
+            raise ConfigError(
+                f"key file {path} is readable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); fix with: chmod 600 {path}"
+            )
+        if info.st_uid not in (os.geteuid(), 0):
+            # Its owner could swap in a key of their own and read what is written next.
+            raise ConfigError(
+                f"key file {path} belongs to another user (uid {info.st_uid}); "
+                "use a key file that you own"
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read().decode("ascii")
     except (OSError, UnicodeDecodeError):
         raise ConfigError(f"cannot read key file {path}") from None
+    finally:
+        os.close(fd)
 
 
 def run_key_command(command: str) -> str:

@@ -97,6 +97,9 @@ def _cell(value: Any) -> str:
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+_ERROR_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _visible(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}"
 
@@ -127,5 +130,6 @@ class Messages:
         if fmt in (Format.json, Format.ndjson):
             sys.stderr.write(to_json({"error": message, "code": code, "type": kind}) + "\n")
         else:
-            sys.stderr.write(f"Error: {message}\n")
+            # One line, whatever a path the user typed holds (a newline, an escape).
+            sys.stderr.write(f"Error: {_ERROR_CONTROLS.sub(_visible, message)}\n")
         sys.stderr.flush()

@@ -7,6 +7,7 @@ in the same transaction as the change (writes) or before returning (reads).
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from patient_cli.errors import UsageError
 from patient_cli.inputs import (
     check_record_data,
     check_record_name,
+    check_text,
     check_username,
     display_file_name,
     open_regular_file,
@@ -80,6 +82,7 @@ def add_record(session: Session, request: AddRequest) -> AddResult:
     )
     if request.mime_type is not None and request.file_path is None:
         raise UsageError("--mime-type needs --file")
+    check_text(request.mime_type, "--mime-type")
     if request.file_path is None:
         return _add_without_file(session, content)
     source, _size = open_regular_file(request.file_path)
@@ -132,12 +135,12 @@ def list_records(session: Session, query: RecordQuery) -> list[RecordSummary]:
     if query.limit is not None and not 0 < query.limit <= LIST_LIMIT_MAX:
         raise UsageError(f"--limit must be between 1 and {LIST_LIMIT_MAX}")
     if query.name_contains is not None:
-        check_record_data(query.name_contains)
+        check_text(query.name_contains, "--name-contains")
     keyring = session.keyring
     event = AuditEvent("list")
     if query.username is not None:
         event.usernames.add(query.username)
-    needle = query.name_contains.casefold() if query.name_contains else None
+    needle = _folded(query.name_contains) if query.name_contains else None
     # The name is encrypted, so a name filter is applied after decryption and the
     # limit after that.
     sql_limit = None if needle is not None else query.limit
@@ -156,7 +159,7 @@ def list_records(session: Session, query: RecordQuery) -> list[RecordSummary]:
             )
             for row in cur:
                 summary = _summary(keyring, row)
-                if needle is not None and needle not in summary.record_name.casefold():
+                if needle is not None and needle not in _folded(summary.record_name):
                     continue
                 records.append(summary)
                 if query.limit is not None and len(records) >= query.limit:
@@ -167,6 +170,12 @@ def list_records(session: Session, query: RecordQuery) -> list[RecordSummary]:
         append_event(session, event)
         session.conn.commit()
     return records
+
+
+def _folded(text: str) -> str:
+    """Case-folded and in one Unicode form: "Café" typed (NFC) matches "Café" stored
+    from a macOS file name (NFD)."""
+    return unicodedata.normalize("NFC", text.casefold())
 
 
 def _summary(keyring: Any, row: tuple[Any, ...]) -> RecordSummary:

@@ -24,6 +24,7 @@ from patient_cli.rotation import MAX_AUDITED_IDS, Progress, legacy_record_data
 from patient_cli.session import Session
 
 PAGE_ROWS = 100
+MAX_RECORD_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def verify(
         check_username(request.username)
     if request.record_id is not None and request.record_id <= 0:
         raise UsageError("record id must be a positive number")
+    if request.record_id is not None and request.record_id > MAX_RECORD_ID:
+        raise NotFound(f"record {request.record_id} not found")  # ids are bigint
     started = time.monotonic()
     report = VerifyReport(metadata_only=request.metadata_only)
     event = AuditEvent("verify")

@@ -204,6 +204,42 @@ def test_key_file_readable_by_others_is_refused(
     assert fernet_key not in result.stderr
 
 
+def test_key_file_owned_by_another_user_is_refused(
+    ready: Cli, fernet_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whoever owns the file could replace the key with one of their own.
+    path = key_file(tmp_path, fernet_key)
+    stranger = 4242 if os.geteuid() != 4242 else 4243
+    try:
+        os.chown(path, stranger, -1)
+    except PermissionError:
+        pytest.skip("only root can give a file away")
+    monkeypatch.delenv("ENCRYPTION_KEY")
+    monkeypatch.setenv("ENCRYPTION_KEY_FILE", str(path))
+    result = ready("list", "-u", "amy")
+    assert_error(
+        result,
+        5,
+        "config_error",
+        f"key file {path} belongs to another user (uid {stranger}); use a key file that you own",
+    )
+    assert fernet_key not in result.stderr
+
+
+def test_key_file_behind_a_symlink_is_checked_at_its_target(
+    ready: Cli, fernet_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ready.json("add", "-u", "amy", "-n", "with env key", "-d", "x")
+    target = key_file(tmp_path, fernet_key, 0o644, name="shared.key")
+    link = tmp_path / "link.key"
+    link.symlink_to(target)
+    monkeypatch.delenv("ENCRYPTION_KEY")
+    monkeypatch.setenv("ENCRYPTION_KEY_FILE", str(link))
+    assert ready("list", "-u", "amy").exit_code == 5
+    target.chmod(0o600)
+    assert ready.json("list", "-u", "amy")["records"][0]["record_data"] == "x"
+
+
 def test_key_file_missing_or_not_a_file(
     ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -129,6 +129,18 @@ def test_first_start_creates_database_and_accepts_connections(home: Path) -> Non
 
 
 @as_normal_user
+def test_the_server_does_not_inherit_the_key(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server outlives the command: a key in its environment would linger there.
+    key = "Zebra-Quokka-not-a-real-key"
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    monkeypatch.setenv("ENCRYPTION_KEY_COMMAND", f"echo {key}")
+    embedded.ensure_server(home)
+    (pid,) = _postmasters_serving(home / "pgdata")
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert b"ENCRYPTION_KEY" not in environ and key.encode() not in environ
+
+
+@as_normal_user
 def test_status_before_and_after_start(home: Path) -> None:
     before = embedded.server_status(home)
     assert (before.initialized, before.running, before.pid) == (False, False, None)
@@ -287,6 +299,27 @@ def test_other_users_socket_folder_in_tmp_is_refused(long_home: Path) -> None:
     assert refused.value.exit_code == 5
     assert str(socket_dir) in refused.value.message
     assert _mode(socket_dir) == 0o755, "an existing folder is never chmod-ed"
+
+
+@as_normal_user
+def test_a_socket_folder_replaced_while_the_server_runs_is_refused(long_home: Path) -> None:
+    # The fast path (server already up) must check the /tmp folder too: one put in
+    # place of ours, open to others, could hold an impostor's socket.
+    embedded.ensure_server(long_home)
+    socket_dir = embedded.server_status(long_home).socket_dir
+    moved = socket_dir.with_name(socket_dir.name + "-moved")
+    socket_dir.rename(moved)
+    try:
+        socket_dir.mkdir(mode=0o755)
+        socket_dir.chmod(0o755)
+        (socket_dir / ".s.PGSQL.5432").touch()
+        with pytest.raises(ConfigError) as refused:
+            embedded.ensure_server(long_home)
+        assert refused.value.exit_code == 5
+        assert str(socket_dir) in refused.value.message
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        moved.rename(socket_dir)
 
 
 @as_normal_user

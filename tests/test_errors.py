@@ -320,3 +320,82 @@ def test_connection_lost_mid_upload_is_exit_6_and_stores_nothing(
         assert conn.execute(
             "SELECT (SELECT count(*) FROM patient_records), (SELECT count(*) FROM record_chunks)"
         ).fetchone() == (0, 0)
+
+
+def test_a_server_error_shows_its_primary_message_only(ready: Cli, db_url: str) -> None:
+    # The server's DETAIL and CONTEXT lines may quote row values (a failing row,
+    # a duplicate key): they must never reach the message.
+    execute(
+        db_url,
+        """
+        CREATE FUNCTION refuse_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'could not extend file'
+                USING ERRCODE = 'disk_full',
+                      DETAIL = 'Failing row contains (' || NEW.username || ', Zebra-Quokka).';
+        END $$;
+        CREATE TRIGGER refuse_insert BEFORE INSERT ON patient_records
+            FOR EACH ROW EXECUTE FUNCTION refuse_insert();
+        """,
+    )
+    result = ready("add", "-u", "pat", "-n", SECRET_NAME, "-d", SECRET_DATA, "--format", "table")
+    assert result.exit_code == 6
+    assert stderr_line(result) == (
+        "Error: the database could not complete the command: could not extend file"
+    )
+    assert "Quokka" not in result.stderr and "Failing row" not in result.stderr
+
+
+def test_an_error_naming_a_path_with_a_line_break_is_still_one_line(ready: Cli) -> None:
+    result = ready("add", "-u", "pat", "-n", "x", "-f", "no\nsuch\x1b[2J.pdf", "--format", "table")
+    assert result.exit_code == 2
+    assert stderr_line(result) == "Error: file not found: no\\x0asuch\\x1b[2J.pdf"
+
+
+def test_a_read_only_database_is_unavailable_not_an_internal_error(ready: Cli, db_url: str) -> None:
+    # A standby after a failover, or a server put in read-only mode: exit 6, so
+    # cron retries later.
+    ready.json("add", "-u", "pat", "-n", "before", "-d", "x")
+    execute(
+        db_url,
+        "DO $$ BEGIN EXECUTE format("
+        "'ALTER DATABASE %I SET default_transaction_read_only = on', current_database()); END $$",
+    )
+    try:
+        for args in (["add", "-u", "pat", "-n", SECRET_NAME], ["list", "-u", "pat"]):
+            result = ready(*args, "--format", "table")
+            assert result.exit_code == 6, result.stderr
+            assert stderr_line(result).startswith(
+                "Error: the database accepts no writes (a standby, or read-only mode): "
+                "cannot execute "
+            )
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("SET default_transaction_read_only = off")
+            conn.execute(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I RESET "
+                "default_transaction_read_only', current_database()); END $$"
+            )
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["list", "-u", "pat", "--actor", "dr-\udcff"], "--actor"),
+        (["audit", "--action", "add-\udcff"], "--action"),
+        (["list", "-u", "pat", "--name-contains", "x-\udcff"], "--name-contains"),
+        (
+            ["add", "-u", "pat", "-n", "x", "-f", "scan.pdf", "--mime-type", "a/\udcff"],
+            "--mime-type",
+        ),
+    ],
+)
+def test_text_options_that_are_not_utf8_are_usage_errors(
+    ready: Cli, args: list[str], option: str, tmp_path: Path
+) -> None:
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF-1.4")
+    # Python turns invalid UTF-8 in argv into lone surrogates, which the database
+    # driver cannot encode: exit 2, naming the option, not an internal error.
+    result = ready(*args, "--format", "table")
+    assert result.exit_code == 2, result.stderr
+    assert stderr_line(result) == f"Error: {option} is not valid UTF-8"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -141,14 +143,29 @@ def test_an_existing_target_is_refused_and_left_unchanged(ready: Cli, tmp_path: 
 
 
 def test_the_default_name_is_refused_too_when_it_exists(ready: Cli, tmp_path: Path) -> None:
-    record_id = add_file(ready, tmp_path / "x.pdf", CONTENT)
+    # The stored file name is encrypted patient content: the message names the
+    # record instead (in the current folder, and in a folder given with -o).
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    record_id = add_file(ready, tmp_path / "in" / "Zebra-Quokka.pdf", CONTENT)
+    (tmp_path / "Zebra-Quokka.pdf").write_bytes(b"keep")
+    (tmp_path / "out" / "Zebra-Quokka.pdf").write_bytes(b"keep")
     result = ready("export-file", str(record_id))
     assert_error(
         result,
         2,
         "target_exists",
-        f"{tmp_path / 'x.pdf'} already exists (use --force to overwrite)",
+        f"{tmp_path}/<record {record_id}'s file name> already exists (use --force to overwrite)",
     )
+    result = ready("export-file", str(record_id), "-o", "out")
+    assert_error(
+        result,
+        2,
+        "target_exists",
+        f"out/<record {record_id}'s file name> already exists (use --force to overwrite)",
+    )
+    assert (tmp_path / "Zebra-Quokka.pdf").read_bytes() == b"keep"
+    assert (tmp_path / "out" / "Zebra-Quokka.pdf").read_bytes() == b"keep"
 
 
 def test_force_overwrites_with_mode_0600(ready: Cli, tmp_path: Path) -> None:
@@ -349,3 +366,35 @@ def test_a_folder_that_cannot_be_written_is_a_usage_error(ready: Cli, tmp_path: 
     assert_error(
         result, 2, "usage_error", f"cannot write to {unwritable}: {expected.value.strerror}"
     )
+
+
+def test_a_target_path_the_system_refuses_is_a_usage_error(ready: Cli, tmp_path: Path) -> None:
+    # Checking the target can fail in itself (a name too long, a folder one may not
+    # enter): exit 2 with the reason, not an internal error.
+    record_id = add_file(ready, tmp_path / "x.pdf", CONTENT)
+    too_long = "n" * 300
+    result = ready("export-file", str(record_id), "-o", too_long)
+    assert_error(result, 2, "usage_error", f"cannot write {too_long}: File name too long")
+    result = ready("export-file", str(record_id), "-o", f"{too_long}/x.pdf")
+    assert_error(result, 2, "usage_error", f"cannot write {too_long}/x.pdf: File name too long")
+    assert leftovers(tmp_path) == []
+
+
+def test_force_onto_a_file_that_cannot_be_replaced_is_a_usage_error(
+    ready: Cli, tmp_path: Path
+) -> None:
+    # An immutable file stands in for another user's file in a sticky folder such
+    # as /tmp: the rename into place is refused even to root.
+    record_id = add_file(ready, tmp_path / "x.pdf", CONTENT)
+    target = tmp_path / "locked.pdf"
+    target.write_bytes(b"keep")
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(target)], check=False).returncode:
+        pytest.skip("cannot make a file immutable here")
+    try:
+        result = ready("export-file", str(record_id), "-o", "locked.pdf", "--force")
+        assert_error(result, 2, "usage_error", "cannot write locked.pdf: Operation not permitted")
+        assert target.read_bytes() == b"keep"
+        assert leftovers(tmp_path) == []
+    finally:
+        subprocess.run([chattr, "-i", str(target)], check=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,22 @@ def test_since_and_until(ready: Cli, db_url: str) -> None:
     assert ids("--since", "2030-01-01") == []
 
 
+def test_date_bounds_at_the_edges_of_the_calendar(ready: Cli, db_url: str) -> None:
+    early = add(ready, "dov", "early")
+    late = add(ready, "dov", "late")
+    set_created_at(db_url, early, "2024-01-02T10:00:00Z")
+    set_created_at(db_url, late, "2024-01-03T10:00:00Z")
+
+    def ids(*args: str) -> list[int]:
+        return [r["id"] for r in listed(ready, "-u", "dov", *args)]
+
+    # The last representable day is a valid --until (not an internal error).
+    assert ids("--until", "9999-12-31") == [late, early]
+    assert ids("--since", "0001-01-01", "--until", "9999-12-31") == [late, early]
+    # The ISO basic form of a bare date includes that day, like the extended form.
+    assert ids("--until", "20240102") == ids("--until", "2024-01-02") == [early]
+
+
 @pytest.mark.parametrize("option", ["--since", "--until"])
 @pytest.mark.parametrize("value", ["yesterday", "2024-13-01", "01/02/2024"])
 def test_bad_dates_are_usage_errors(ready: Cli, option: str, value: str) -> None:
@@ -133,6 +150,20 @@ def test_name_contains_unicode(ready: Cli) -> None:
     add(ready, "fay", "Radio")
     assert [r["id"] for r in listed(ready, "-u", "fay", "--name-contains", "échographie")] == [
         wanted
+    ]
+
+
+def test_name_contains_matches_across_unicode_normal_forms(ready: Cli) -> None:
+    # A name taken from a macOS file name is decomposed (NFD); a terminal types
+    # the composed form (NFC). Both spell the same name.
+    decomposed = add(ready, "fay", unicodedata.normalize("NFD", "Échographie cardiaque"))
+    composed = add(ready, "fay", "Bilan sanguin détaillé")
+    assert [r["id"] for r in listed(ready, "-u", "fay", "--name-contains", "échographie")] == [
+        decomposed
+    ]
+    nfd_needle = unicodedata.normalize("NFD", "détaillé")
+    assert [r["id"] for r in listed(ready, "-u", "fay", "--name-contains", nfd_needle)] == [
+        composed
     ]
 
 

@@ -237,6 +237,10 @@ def test_unknown_record_and_bad_options(ready: Cli, records: dict[str, int]) -> 
     result = ready("verify", "--record", "0", "-F", "table")
     assert result.exit_code == 2
     assert stderr_line(result) == "Error: record id must be a positive number"
+    # Past the bigint range: not found, as with export-file (not an internal error).
+    result = ready("verify", "--record", "99999999999999999999", "-F", "table")
+    assert result.exit_code == 4
+    assert stderr_line(result) == "Error: record 99999999999999999999 not found"
 
 
 def test_verify_with_the_wrong_key_fails_cleanly(ready: Cli, records: dict[str, int]) -> None:

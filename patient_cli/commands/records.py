@@ -108,11 +108,15 @@ def parse_when(text: str | None, option: str, end_of_day: bool = False) -> datet
     if text is None:
         return None
     try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
+        try:
+            day = date.fromisoformat(text)  # any ISO date form: 2026-01-31, 20260131
+        except ValueError:
+            moment = datetime.fromisoformat(text)
+        else:
+            if end_of_day and day == date.max:
+                return None  # the whole last representable day: no upper bound
             moment = datetime.combine(day, time(), tzinfo=UTC)
             return moment + timedelta(days=1) if end_of_day else moment
-        moment = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(
             f"{option} must be an ISO date like 2026-01-31 or 2026-01-31T08:00"
@@ -131,7 +135,10 @@ def list_(
         str | None, typer.Option("--since", help="Created on/after (ISO date).")
     ] = None,
     until: Annotated[
-        str | None, typer.Option("--until", help="Created up to (ISO date, inclusive).")
+        str | None,
+        typer.Option(
+            "--until", help="Created before this time; a bare date (2026-01-31) includes that day."
+        ),
     ] = None,
     name_contains: Annotated[
         str | None, typer.Option("--name-contains", help="Record name contains (case-insensitive).")
