@@ -18,9 +18,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -31,17 +31,34 @@ from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.crypto import Keyring
 from patient_cli.db import translate_db_errors
 from patient_cli.errors import UsageError
+from patient_cli.import_request import (
+    Failure,
+    FileOutcome,
+    ImportRequest,
+    ImportSummary,
+    NameFrom,
+    Status,
+    check_request,
+    count_planned,
+)
 from patient_cli.inputs import (
-    check_record_data,
     check_record_name,
-    check_username,
     open_regular_file,
 )
 from patient_cli.mime import detect_mime_type
 from patient_cli.session import Session
 
-NameFrom = Literal["stem", "name", "relpath"]
-Status = Literal["imported", "would_import", "skipped", "failed"]
+__all__ = [
+    "Failure",
+    "FileOutcome",
+    "ImportRequest",
+    "ImportSummary",
+    "NameFrom",
+    "Status",
+    "check_request",
+    "count_planned",
+    "import_folder",
+]
 
 # Commit about once a second (and after this many bytes), so a killed run loses
 # at most about a second of work while commits stay cheap.
@@ -65,127 +82,8 @@ DATABASE_REJECTED = "database_rejected"
 _FILE_DB_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
-@dataclass(frozen=True)
-class ImportRequest:
-    root: Path
-    username: str | None = None
-    username_from_dir: bool = False
-    recursive: bool = True
-    include_hidden: bool = False
-    globs: tuple[str, ...] = ()
-    excludes: tuple[str, ...] = ()
-    name_from: NameFrom = "stem"
-    record_data: str | None = None
-    allow_duplicates: bool = False
-    dry_run: bool = False
-
-    @property
-    def scan_options(self) -> scan.ScanOptions:
-        return scan.ScanOptions(
-            self.root,
-            self.recursive,
-            self.include_hidden,
-            self.globs,
-            self.excludes,
-            self.username_from_dir,
-        )
-
-
-@dataclass
-class FileOutcome:
-    """What became of one file; reported only once it is committed."""
-
-    path: str
-    status: Status
-    username: str | None
-    size: int | None = None
-    record_id: int | None = None
-    error: str | None = None
-    code: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "path": self.path,
-            "status": self.status,
-            "username": self.username,
-            "size": self.size,
-            "record_id": self.record_id,
-        }
-        if self.status == "failed":
-            out["error"] = self.error
-            out["code"] = self.code
-        return out
-
-
-@dataclass(frozen=True)
-class Failure:
-    path: str
-    error: str
-    code: str
-
-
-@dataclass
-class ImportSummary:
-    """Counts and timing of a whole run; only failures are kept per file."""
-
-    imported: int = 0
-    would_import: int = 0
-    skipped: int = 0
-    failed: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    dry_run: bool = False
-    failures: list[Failure] = field(default_factory=list)
-
-    @property
-    def files(self) -> int:
-        return self.imported + self.would_import + self.skipped + self.failed
-
-    @property
-    def files_per_second(self) -> float:
-        return round(self.files / self.seconds, 1) if self.seconds > 0 else 0.0
-
-    @property
-    def mb_per_second(self) -> float:
-        return round(self.bytes / 1e6 / self.seconds, 2) if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "imported": self.imported,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "bytes": self.bytes,
-            "seconds": round(self.seconds, 3),
-            "files_per_second": self.files_per_second,
-            "mb_per_second": self.mb_per_second,
-            "failures": [{"path": f.path, "error": f.error, "code": f.code} for f in self.failures],
-            "dry_run": self.dry_run,
-        }
-        if self.dry_run:
-            out["would_import"] = self.would_import
-        return out
-
-
 OutcomeCallback = Callable[[FileOutcome], None]
 BytesCallback = Callable[[int], None]
-
-
-def check_request(request: ImportRequest) -> None:
-    """Input errors (exit 2) before any key or database work."""
-    if request.username_from_dir:
-        if request.username is not None:
-            raise UsageError("give either --username or --username-from-dir, not both")
-    elif request.username is None:
-        raise UsageError("username must not be empty (or use --username-from-dir)")
-    else:
-        check_username(request.username)
-    check_record_data(request.record_data)
-    scan.check_root(request.root)
-
-
-def count_planned(request: ImportRequest) -> tuple[int, int]:
-    """Files an import would look at and their total size (for a progress bar)."""
-    return scan.count_files(request.scan_options)
 
 
 def import_folder(

@@ -24,7 +24,7 @@ from patient_cli.errors import BatchIncomplete
 from patient_cli.output import Format, Messages, print_json, print_pairs, print_table
 
 if TYPE_CHECKING:
-    from patient_cli.importer import FileOutcome, ImportRequest, ImportSummary
+    from patient_cli.import_request import FileOutcome, ImportRequest, ImportSummary
 
 
 class NameFrom(enum.StrEnum):
@@ -214,7 +214,7 @@ class _Progress:
 
     @classmethod
     def start(cls, request: ImportRequest) -> _Progress:
-        from patient_cli.importer import count_planned
+        from patient_cli.import_request import count_planned
 
         files, size = count_planned(request)
         return cls(files, size)
