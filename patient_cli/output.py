@@ -85,7 +85,8 @@ def _cell(value: Any) -> str:
     from rich.markup import escape
 
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S %z")
+        # Local time, short enough not to wrap; JSON carries full ISO 8601 with offset.
+        return value.astimezone().strftime("%Y-%m-%d %H:%M")
     if isinstance(value, bool):
         return "yes" if value else "no"
     return escape(_CONTROL_CHARACTERS.sub(_visible, str(value)))
