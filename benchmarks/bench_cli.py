@@ -25,29 +25,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import CONFIG_VARIABLES, bench_database
+
 HERE = Path(__file__).resolve().parent
 BASELINES = HERE / "baselines"
+
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PARTS = ("startup", "add", "list", "export", "embedded")
-CONFIG_VARIABLES = (
-    "DATABASE_URL",
-    "DB_USERNAME",
-    "DB_PASSWORD",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_NAME",
-    "DB_SSLMODE",
-    "ENCRYPTION_KEY",
-    "ENCRYPTION_KEY_FILE",
-    "ENCRYPTION_KEY_COMMAND",
-    "PATIENT_RECORDS_HOME",
-    "PATIENT_RECORDS_ACTOR",
-)
 MIB = 1 << 20
 SEED = 20_260_101
 
@@ -250,24 +239,6 @@ def base_env(extra: dict[str, str]) -> dict[str, str]:
         env["PYTHONPYCACHEPREFIX"] = PYCACHE["dir"]
     env.update(extra)
     return env
-
-
-@contextlib.contextmanager
-def bench_database(admin_dsn: str) -> Iterator[str]:
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    name = f"prbench_cli_{os.getpid()}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin_dsn)
-    params["dbname"] = name
-    try:
-        yield make_conninfo("", **{k: str(v) for k, v in params.items() if v is not None})
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class PatternFile:
@@ -746,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "startup" in args.parts:
             results += run_startup(ctx)
         if {"add", "list", "export"} & set(args.parts):
-            with bench_database(args.dsn) as dsn:
+            with bench_database(args.dsn, "prbench_cli") as dsn:
                 ctx.env = base_env(
                     {
                         "DATABASE_URL": dsn,

@@ -26,30 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _common import CONFIG_VARIABLES, bench_database
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "patient-records-bench"
 KB, MB = 1000, 1_000_000
 MIB = 1 << 20
 SEED = 20_260_303
-CONFIG_VARIABLES = (
-    "DATABASE_URL",
-    "DB_USERNAME",
-    "DB_PASSWORD",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_NAME",
-    "DB_SSLMODE",
-    "ENCRYPTION_KEY",
-    "ENCRYPTION_KEY_FILE",
-    "ENCRYPTION_KEY_COMMAND",
-    "PATIENT_RECORDS_HOME",
-    "PATIENT_RECORDS_ACTOR",
-)
 BASELINE_TABLE = """
     CREATE TABLE IF NOT EXISTS bench_files (
         id bigserial PRIMARY KEY,
@@ -194,24 +181,6 @@ class Series:
         return statistics.median(self.walls)
 
 
-@contextmanager
-def bench_database(admin_dsn: str) -> Iterator[str]:
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    name = f"prbench_import_{os.getpid()}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin_dsn)
-    params["dbname"] = name
-    try:
-        yield make_conninfo("", **{k: str(v) for k, v in params.items() if v is not None})
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def reset_tables(dsn: str) -> None:
     """Empty both sides' tables and checkpoint, so no run pays for another's writes."""
     import psycopg
@@ -331,7 +300,7 @@ def main() -> None:
 
     key = Fernet.generate_key().decode("ascii")
     figures = []
-    with bench_database(args.dsn) as dsn:
+    with bench_database(args.dsn, "prbench_import") as dsn:
         prepare_schema(dsn, key)
         for name in chosen:
             data_set = DATA_SETS[name]

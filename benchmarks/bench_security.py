@@ -29,30 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psycopg
 from cryptography.fernet import Fernet
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from _common import CONFIG_VARIABLES, bench_database
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 MB = 1_000_000
 SEED = 20_260_404
-CLEAN = (
-    "DATABASE_URL",
-    "DB_USERNAME",
-    "DB_PASSWORD",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_NAME",
-    "ENCRYPTION_KEY",
-    "ENCRYPTION_KEY_FILE",
-    "ENCRYPTION_KEY_COMMAND",
-    "PATIENT_RECORDS_ACTOR",
-)
 
 
 @dataclass
@@ -71,23 +58,8 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-@contextmanager
-def bench_database(admin_dsn: str) -> Iterator[str]:
-    name = f"pr_bench_security_{os.getpid()}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin_dsn)
-    params["dbname"] = name
-    try:
-        yield make_conninfo("", **{k: str(v) for k, v in params.items() if v is not None})
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def cli_env(dsn: str, key: str, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
     env.update({"DATABASE_URL": dsn, "ENCRYPTION_KEY": key, "PATIENT_RECORDS_HOME": str(home)})
     return env
 
@@ -207,7 +179,7 @@ def audit_cost(dsn: str, work: Path, rounds: int) -> list[Figure]:
     key = Fernet.generate_key().decode()
     env = cli_env(dsn, key, work / "home")
     os.environ.update(env)
-    for name in CLEAN:
+    for name in CONFIG_VARIABLES:
         if name not in env:
             os.environ.pop(name, None)
     from patient_cli import records
@@ -322,10 +294,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pr-bench-security-") as tmp:
         work = Path(tmp)
         if "throughput" in parts:
-            with bench_database(args.dsn) as dsn:
+            with bench_database(args.dsn, "pr_bench_security") as dsn:
                 figures += throughput(dsn, work, args.rounds, args.files, args.mib)
         if "audit" in parts:
-            with bench_database(args.dsn) as dsn:
+            with bench_database(args.dsn, "pr_bench_security") as dsn:
                 figures += audit_cost(dsn, work, args.rounds)
     report(figures)
     if args.json:

@@ -15,6 +15,15 @@ from patient_cli.errors import ConfigError
 
 DB_VARIABLES = ("DB_USERNAME", "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_NAME")
 KEY_VARIABLES = ("ENCRYPTION_KEY", "ENCRYPTION_KEY_FILE", "ENCRYPTION_KEY_COMMAND")
+# Every variable that changes what a command does (tests and benchmarks clear them).
+CONFIG_VARIABLES = (
+    "DATABASE_URL",
+    *DB_VARIABLES,
+    "DB_SSLMODE",
+    *KEY_VARIABLES,
+    "PATIENT_RECORDS_HOME",
+    "PATIENT_RECORDS_ACTOR",
+)
 DEFAULT_CONNECT_TIMEOUT = "10"
 
 

@@ -20,23 +20,10 @@ from cryptography.fernet import Fernet
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from typer.testing import CliRunner, Result
 
+from patient_cli.config import CONFIG_VARIABLES
 from pgserver import ThrowawayServer
 
-ENV_VARIABLES = (
-    "DATABASE_URL",
-    "DB_USERNAME",
-    "DB_PASSWORD",
-    "DB_HOST",
-    "DB_PORT",
-    "DB_NAME",
-    "DB_SSLMODE",
-    "ENCRYPTION_KEY",
-    "ENCRYPTION_KEY_FILE",
-    "ENCRYPTION_KEY_COMMAND",
-    "PATIENT_RECORDS_HOME",
-    "PATIENT_RECORDS_ACTOR",
-    "NO_COLOR",
-)
+ENV_VARIABLES = (*CONFIG_VARIABLES, "NO_COLOR")
 
 
 @pytest.fixture(scope="session")
