@@ -465,45 +465,37 @@ def _remove_stale_lock_files(layout: _Layout) -> None:
 
 
 def _start(layout: _Layout, bin_dir: Path) -> None:
-    command = [
-        str(bin_dir / "pg_ctl"),
-        "-D",
-        str(layout.data_dir),
-        "-l",
-        str(layout.log_file),
-        "-w",
-        "-t",
-        str(PG_CTL_WAIT_SECONDS),
-        "start",
-    ]
-    failed = DatabaseUnavailable(f"the embedded database failed to start; see {layout.log_file}")
-    try:
-        returncode = _run_logged(command, layout.log_file, PG_CTL_WAIT_SECONDS + 30)
-    except subprocess.TimeoutExpired:
-        raise failed from None
-    if returncode != 0 or _running_pid(layout) is None:
-        raise failed
+    _pg_ctl(layout, bin_dir, "start", ["-l", str(layout.log_file)])
+    if _running_pid(layout) is None:
+        raise _failed(layout, "start")
 
 
 def _stop(layout: _Layout, bin_dir: Path) -> None:
+    _pg_ctl(layout, bin_dir, "stop", ["-m", "fast"])
+
+
+def _pg_ctl(layout: _Layout, bin_dir: Path, action: str, options: list[str]) -> None:
+    """Run `pg_ctl ACTION` and wait for it; any failure points at the server log."""
     command = [
         str(bin_dir / "pg_ctl"),
         "-D",
         str(layout.data_dir),
-        "-m",
-        "fast",
+        *options,
         "-w",
         "-t",
         str(PG_CTL_WAIT_SECONDS),
-        "stop",
+        action,
     ]
-    failed = DatabaseUnavailable(f"the embedded database failed to stop; see {layout.log_file}")
     try:
         returncode = _run_logged(command, layout.log_file, PG_CTL_WAIT_SECONDS + 30)
     except subprocess.TimeoutExpired:
-        raise failed from None
+        raise _failed(layout, action) from None
     if returncode != 0:
-        raise failed
+        raise _failed(layout, action)
+
+
+def _failed(layout: _Layout, action: str) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"the embedded database failed to {action}; see {layout.log_file}")
 
 
 def _run_logged(command: list[str], log_file: Path, timeout: float) -> int:

@@ -44,6 +44,7 @@ class Session:
     actor_name: str | None = None
     _keyring: Keyring | None = None
     _conn: Connection | None = None
+    _actor: Actor | None = None
     _secrets: dict[str, bytes] = field(default_factory=dict)
 
     @property
@@ -58,8 +59,10 @@ class Session:
 
     @property
     def actor(self) -> Actor:
-        name = self.actor_name or self.settings.actor
-        return Actor(os_user_name(), self.conn.info.user, name)
+        if self._actor is None:  # the same for the whole session: look it up once
+            name = self.actor_name or self.settings.actor
+            self._actor = Actor(os_user_name(), self.conn.info.user, name)
+        return self._actor
 
     @property
     def keyring(self) -> Keyring:
