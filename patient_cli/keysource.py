@@ -16,7 +16,7 @@ from pathlib import Path
 
 from patient_cli.config import KeySource
 from patient_cli.crypto import Keyring, generate_key, parse_keys
-from patient_cli.errors import ConfigError, TargetExists
+from patient_cli.errors import ConfigError, TargetExists, UsageError
 
 KEY_COMMAND_TIMEOUT = 30
 
@@ -107,6 +107,8 @@ def write_key_file(path: Path) -> None:
     The key is written to a temporary file and linked into place, so a crash
     never leaves an empty or half-written key file behind.
     """
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give the key file's name (e.g. {path / 'key'})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".key-", suffix=".tmp")

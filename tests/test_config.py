@@ -404,6 +404,17 @@ def test_keygen_write_creates_a_0600_file_and_never_overwrites(
     assert cli.json("add", "-u", "amy", "-n", "with keygen's key")["record_id"] > 0
 
 
+def test_keygen_write_to_a_folder_asks_for_a_file_name(cli: Cli, tmp_path: Path) -> None:
+    result = cli("keygen", "--write", str(tmp_path))
+    assert result.exit_code == 2
+    assert json.loads(stderr_line(result)) == {
+        "error": f"{tmp_path} is a folder; give the key file's name (e.g. {tmp_path / 'key'})",
+        "code": 2,
+        "type": "usage_error",
+    }
+    assert list(tmp_path.iterdir()) == []  # no temporary file left either
+
+
 def test_keygen_write_into_a_missing_folder_it_cannot_create(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     for target in (tmp_path / "file" / "k.key", tmp_path / "file" / "sub" / "k.key"):
