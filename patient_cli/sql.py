@@ -80,6 +80,9 @@ COPY_CHUNKS: LiteralString = (
     "COPY record_chunks (username, record_id, seq, key_id, token) FROM STDIN (FORMAT BINARY)"
 )
 CHUNK_COPY_TYPES = ["varchar", "int8", "int4", "text", "bytea"]
+INSERT_CHUNK: LiteralString = """
+    INSERT INTO record_chunks (username, record_id, seq, key_id, token)
+    VALUES (%s, %s, %s, %s, %b)"""
 FINISH_RECORD: LiteralString = """
     UPDATE patient_records
        SET meta = %(meta)s, file_size = %(file_size)s, chunk_count = %(chunk_count)s,

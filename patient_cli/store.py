@@ -10,10 +10,11 @@ and SHA-256, checked after the last chunk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, LiteralString
@@ -24,8 +25,15 @@ from patient_cli import sql
 from patient_cli.crypto import Keyring, keyed_digest
 from patient_cli.db import Connection
 from patient_cli.errors import IntegrityFailed, UsageError
+from patient_cli.sealer import ChunkSealer
 
 CHUNK_SIZE = 1 << 20
+# A large file's chunks go in as pipelined INSERTs, not by COPY: the server
+# holds a binary COPY's rows in memory and stores them in groups (seen here with
+# pg_stat_progress_copy: 300 MiB taken in 0.5 s, then 1.7 s of writing after the
+# COPY ended), so a COPY per file kept the whole file in server memory and did
+# the server's work after ours instead of beside it. Each pipelined INSERT is
+# stored as it arrives, while the sealer thread encrypts the next chunks.
 CHUNK_HEADER = struct.Struct(">qI")  # record id, sequence number
 META_VERSION = 1
 
@@ -276,19 +284,14 @@ def store_streamed(
             row = cur.fetchone()
             assert row is not None
             created_at = row[0]
-            hasher = hashlib.sha256()
-            size = seq = 0
-            with cur.copy(sql.COPY_CHUNKS) as copy:
-                copy.set_types(sql.CHUNK_COPY_TYPES)
-                for piece in _pieces(source, head):
-                    hasher.update(piece)
-                    size += len(piece)
-                    token = seal_chunk(keyring, record_id, seq, piece)
-                    copy.write_row((content.username, record_id, seq, keyring.primary_id, token))
-                    seq += 1
-                    if on_bytes is not None:
-                        on_bytes(len(piece))
-            digest = hasher.digest()
+            seal = functools.partial(seal_chunk, keyring, record_id)
+            with ChunkSealer(_pieces(source, head), seal) as sealer:
+                cur.executemany(
+                    sql.INSERT_CHUNK,
+                    _chunk_rows(sealer, content.username, record_id, keyring.primary_id, on_bytes),
+                )
+            seq = sealer.count
+            size, digest = sealer.size, sealer.digest
             fingerprint = (
                 file_fingerprint(fingerprint_key, digest) if fingerprint_key is not None else None
             )
@@ -309,6 +312,19 @@ def store_streamed(
             return None
         raise
     return StoredRecord(record_id, created_at, size, digest.hex())
+
+
+def _chunk_rows(
+    sealed: Iterable[tuple[bytes, int]],
+    username: str,
+    record_id: int,
+    key_id: str,
+    on_bytes: Callable[[int], None] | None,
+) -> Iterator[tuple[object, ...]]:
+    for seq, (token, length) in enumerate(sealed):
+        yield (username, record_id, seq, key_id, token)
+        if on_bytes is not None:
+            on_bytes(length)
 
 
 def read_head(source: BinaryIO) -> bytes:

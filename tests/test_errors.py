@@ -301,7 +301,7 @@ def test_connection_lost_mid_upload_is_exit_6_and_stores_nothing(
                 row = monitor.execute(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND query LIKE 'COPY record_chunks%' AND state = 'active'"
+                    "AND query LIKE '%INSERT INTO record_chunks%' AND state = 'active'"
                 ).fetchone()
                 terminated = row[0] if row else 0
                 time.sleep(0.005)
@@ -313,7 +313,7 @@ def test_connection_lost_mid_upload_is_exit_6_and_stores_nothing(
     assert terminated == 1, "the upload finished before it could be cut off"
     assert process.returncode == 6, stderr
     assert stderr.splitlines() == [
-        "Error: lost the database connection: sending copy data failed: "
+        "Error: lost the database connection: sending prepared query failed: "
         "server closed the connection unexpectedly"
     ]
     with psycopg.connect(db_url) as conn:

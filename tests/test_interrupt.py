@@ -48,12 +48,12 @@ def start_add(env: dict[str, str], folder: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def client_sessions(monitor: psycopg.Connection[Any], query_prefix: str) -> int:
+def client_sessions(monitor: psycopg.Connection[Any], query_part: str) -> int:
     row = monitor.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND pid <> pg_backend_pid() AND application_name = 'patient-records' "
         "AND query LIKE %s AND state <> 'idle'",
-        (query_prefix + "%",),
+        ("%" + query_part + "%",),
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -68,17 +68,17 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-def interrupt_mid_copy(
+def interrupt_mid_upload(
     db_url: str, env: dict[str, str], folder: Path, signum: int
 ) -> tuple[int, bytes]:
-    """Start an add of a big file, send `signum` while its chunks are being copied
-    in, and return its exit status and stderr once the server has cleaned up."""
+    """Start an add of a big file, send `signum` while its chunks are being sent,
+    and return its exit status and stderr once the server has cleaned up."""
     with psycopg.connect(db_url, autocommit=True) as monitor:
         process = start_add(env, folder)
         try:
             wait_until(
                 lambda: (
-                    client_sessions(monitor, "COPY record_chunks") == 1
+                    client_sessions(monitor, "INSERT INTO record_chunks") == 1
                     or process.poll() is not None
                 ),
                 60,
@@ -112,7 +112,7 @@ def assert_nothing_stored(db_url: str) -> None:
 def test_kill_9_mid_upload_leaves_nothing(
     ready: Cli, db_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:
-    status, _ = interrupt_mid_copy(db_url, env, tmp_path, signal.SIGKILL)
+    status, _ = interrupt_mid_upload(db_url, env, tmp_path, signal.SIGKILL)
     assert status == -signal.SIGKILL
     assert_nothing_stored(db_url)
     assert ready.json("list", "-u", "killme") == {"records": []}
@@ -122,7 +122,7 @@ def test_kill_9_mid_upload_leaves_nothing(
 def test_sigterm_and_ctrl_c_mid_upload_exit_130_and_store_nothing(
     ready: Cli, db_url: str, env: dict[str, str], tmp_path: Path, signum: int
 ) -> None:
-    status, stderr = interrupt_mid_copy(db_url, env, tmp_path, signum)
+    status, stderr = interrupt_mid_upload(db_url, env, tmp_path, signum)
     assert status == 130, stderr
     assert json.loads(stderr.decode()) == {
         "error": "interrupted; nothing was half-written",
