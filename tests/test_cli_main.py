@@ -50,3 +50,35 @@ def test_bare_command_shows_help_on_stderr(capsys: pytest.CaptureFixture[str]) -
     assert code == 2
     assert out == ""
     assert err.startswith("Usage: patient-records")
+
+
+def test_every_command_is_registered_by_name() -> None:
+    # main() builds only the command being run, found by its registered name.
+    from patient_cli.cli_app import app
+
+    names = [c.name for c in app.registered_commands] + [g.name for g in app.registered_groups]
+    assert None not in names
+    assert sorted(names) == sorted(set(names))
+
+
+def test_only_the_command_being_run_is_built() -> None:
+    from patient_cli.cli import _app_for, _command_name
+
+    assert _command_name(["--env-file", "add", "--debug", "list", "-u", "x"]) == "list"
+    assert _command_name(["--debug"]) is None
+    only = _app_for(["--debug", "server", "status"])
+    assert [g.name for g in only.registered_groups] == ["server"]
+    assert only.registered_commands == []
+
+
+def test_unknown_command_is_still_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["nosuch"], capsys)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["Error: No such command 'nosuch'. (see 'patient-records --help')"]
+
+
+def test_a_command_help_shows_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["import", "--help"], capsys)
+    assert code == 0
+    assert out.startswith("Usage: patient-records import [OPTIONS] {DIR}")
+    assert "--username-from-dir" in out

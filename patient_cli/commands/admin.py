@@ -62,7 +62,7 @@ def init_db(
     run_command(fmt, quiet, body)
 
 
-@app.command()
+@app.command("keygen")
 def keygen(
     write: Annotated[
         Path | None, typer.Option("--write", help="Create this key file (mode 0600) instead.")

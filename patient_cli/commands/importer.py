@@ -35,7 +35,9 @@ class NameFrom(enum.StrEnum):
 
 @app.command("import")
 def import_(
-    folder: Annotated[Path, typer.Argument(help="The folder whose files to import.")],
+    folder: Annotated[
+        Path, typer.Argument(metavar="DIR", help="The folder whose files to import.")
+    ],
     username: UsernameOption = None,
     username_from_dir: Annotated[
         bool,

@@ -40,7 +40,7 @@ def _read_text_input(data: str | None, data_file: Path | None) -> str | None:
     return data
 
 
-@app.command()
+@app.command("add")
 def add(
     username: UsernameOption = None,
     name: Annotated[

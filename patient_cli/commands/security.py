@@ -178,7 +178,7 @@ def _print_failures(failures: list[dict[str, Any]]) -> None:
 # -- verify --------------------------------------------------------------------
 
 
-@app.command()
+@app.command("verify")
 def verify(
     username: UsernameOption = None,
     record: Annotated[
@@ -223,7 +223,7 @@ def verify(
 # -- audit ---------------------------------------------------------------------
 
 
-@app.command()
+@app.command("audit")
 def audit(
     username: UsernameOption = None,
     action: Annotated[
@@ -331,7 +331,7 @@ def _short_ids(ids: list[int], shown: int = 10) -> str:
 # -- status --------------------------------------------------------------------
 
 
-@app.command()
+@app.command("status")
 def status(fmt: FormatOption = None, quiet: QuietOption = False) -> None:
     """Show the configuration in effect (no secrets) and what each key still protects."""
 
