@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import psycopg
@@ -301,7 +300,7 @@ class _ImportJob:
             self._fail(item, username, scan.BAD_NAME, exc.message)
             return
         try:
-            source, size = open_regular_file(Path(item.path))
+            source, size = open_regular_file(item.path)
         except UsageError as exc:
             self._fail(item, username, _open_failure_code(exc.message), exc.message)
             return
@@ -467,9 +466,13 @@ class _ImportJob:
     def _next_id(self) -> int:
         if not self.free_ids:
             self._finish_flush()
-            self.free_ids = store.reserve_ids(self.conn, ID_BLOCK)
-            self.free_ids.reverse()
+            self._reserve_ids()
         return self.free_ids.pop()
+
+    def _reserve_ids(self) -> None:
+        more = store.reserve_ids(self.conn, ID_BLOCK)
+        more.reverse()
+        self.free_ids = more + self.free_ids  # popped from the end: lowest first
 
     def _flush(self, wait: bool = True) -> None:
         """Send the pending small records; with wait=False a thread sends them
@@ -481,6 +484,8 @@ class _ImportJob:
             return
         pending, self.pending = self.pending, []
         self.pending_bytes = 0
+        if not wait and len(self.free_ids) < BATCH_FILES:
+            self._reserve_ids()  # now, while the connection is free, not after
         if wait:
             self._apply(pending, self._insert_batch(pending))
             return

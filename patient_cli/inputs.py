@@ -67,7 +67,7 @@ def _check_text(text: str, what: str) -> None:
         raise UsageError(f"{what} is not valid UTF-8") from None
 
 
-def open_regular_file(path: Path) -> tuple[BinaryIO, int]:
+def open_regular_file(path: str | Path) -> tuple[BinaryIO, int]:
     """Open `path` for reading, refusing anything but a regular file (following
     symlinks). Never blocks on a FIFO. Returns the file and its size."""
     try:

@@ -36,6 +36,7 @@ CHUNK_SIZE = 1 << 20
 # stored as it arrives, while the sealer thread encrypts the next chunks.
 CHUNK_HEADER = struct.Struct(">qI")  # record id, sequence number
 META_VERSION = 1
+_META_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps makes one per call
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def seal_meta(
         "size": file_size,
         "sha256": sha256,
     }
-    return keyring.encrypt(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+    return keyring.encrypt(_META_JSON.encode(meta).encode("utf-8"))
 
 
 def open_meta(keyring: Keyring, token: bytes | memoryview, record_id: int) -> RecordMeta:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import mimetypes
 import zipfile
 
 import pytest
@@ -100,3 +101,28 @@ def test_ole_container_is_named_by_its_suffix() -> None:
     ole = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(100)
     assert detect_mime_type("old.doc", ole) == "application/msword"
     assert detect_mime_type("old", ole) == "application/x-ole-storage"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a.pdf",
+        "A.PDF",
+        "x.tar.gz",
+        "x.TGZ",
+        "scan.final.png",
+        "noext",
+        "trail.",
+        "a.b.c.docx",
+        "lab.json.gz",
+        "v.svgz",
+        "weird.Z",
+        "notes.MD",
+    ],
+)
+def test_cached_name_guess_matches_a_direct_guess(name: str) -> None:
+    from patient_cli.mime import _BY_SUFFIX, _by_name, _extensions
+
+    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    direct = _BY_SUFFIX.get(suffix) or mimetypes.guess_type(name, strict=False)[0]
+    assert _by_name(_extensions(name)) == direct
