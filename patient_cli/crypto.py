@@ -11,8 +11,8 @@ never printed.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import hmac
 import os
 import struct
 import threading
@@ -68,6 +68,7 @@ _HEADER = struct.Struct(">BQ")  # version, timestamp
 _IV_SIZE = 16
 _MAC_SIZE = 32
 _MIN_TOKEN = _HEADER.size + _IV_SIZE + 16 + _MAC_SIZE
+_ONE_CALL = 64 << 10
 
 
 class FernetKey:
@@ -85,6 +86,7 @@ class FernetKey:
         if len(raw) != 32:
             raise ValueError("a Fernet key is 32 bytes")
         self._signing_key = raw[:16]
+        self._signing = HmacSha256(self._signing_key)
         self._encryption_key = raw[16:]
         self._local = threading.local()
 
@@ -100,16 +102,14 @@ class FernetKey:
             mode = modes.CBC(os.urandom(_IV_SIZE))
             encryptor = Cipher(algorithms.AES(self._encryption_key), mode).encryptor()
             self._local.encryptor = encryptor
-        pad = 16 - len(plaintext) % 16  # PKCS7
-        body = b"".join(
-            (
-                _HEADER.pack(FERNET_VERSION, int(time.time()) if timestamp is None else timestamp),
-                encryptor.update(os.urandom(_IV_SIZE)),  # the IV
-                encryptor.update(plaintext),
-                encryptor.update(bytes((pad,)) * pad),
-            )
-        )
-        return body + hmac.digest(self._signing_key, body, "sha256")
+        pad = bytes((16 - len(plaintext) % 16,)) * (16 - len(plaintext) % 16)  # PKCS7
+        header = _HEADER.pack(FERNET_VERSION, int(time.time()) if timestamp is None else timestamp)
+        if len(plaintext) <= _ONE_CALL:  # one call (and a copy) is cheaper
+            body = header + encryptor.update(os.urandom(_IV_SIZE) + plaintext + pad)
+        else:
+            iv = encryptor.update(os.urandom(_IV_SIZE))
+            body = b"".join((header, iv, encryptor.update(plaintext), encryptor.update(pad)))
+        return body + self._signing.digest(body)
 
     def decrypt(self, token: bytes) -> bytes | None:
         """The plaintext, or None when this key did not make this (intact) token."""
@@ -178,10 +178,34 @@ class Keyring:
         return self.decrypt(raw, what)
 
 
+class HmacSha256:
+    """HMAC-SHA256 (RFC 2104) under one key, with the key's inner and outer
+    hash states computed once: half the cost of `hmac.digest` per message,
+    which matters at three HMACs for every small file imported."""
+
+    def __init__(self, key: bytes) -> None:
+        block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def digest(self, *parts: bytes) -> bytes:
+        inner = self._inner.copy()
+        for part in parts:
+            inner.update(part)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+@functools.lru_cache(maxsize=8)
+def _hmac_for(key: bytes) -> HmacSha256:
+    return HmacSha256(key)
+
+
 def keyed_digest(key: bytes, *parts: bytes) -> bytes:
     """HMAC-SHA256 over length-prefixed parts (unambiguous concatenation)."""
-    mac = hmac.new(key, digestmod=hashlib.sha256)
+    framed = []
     for part in parts:
-        mac.update(len(part).to_bytes(8, "big"))
-        mac.update(part)
-    return mac.digest()
+        framed.append(len(part).to_bytes(8, "big"))
+        framed.append(part)
+    return _hmac_for(key).digest(*framed)

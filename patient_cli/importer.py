@@ -335,7 +335,7 @@ class _ImportJob:
         self, item: scan.ScanItem, username: str, record_name: str, source: BinaryIO
     ) -> None:
         before = os.fstat(source.fileno())
-        data = store.read_head(source)
+        data = store.read_head(source, before.st_size)
         if len(data) != before.st_size or _changed(before, os.fstat(source.fileno())):
             raise _FileChanged()
         if self.on_bytes is not None:

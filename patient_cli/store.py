@@ -328,14 +328,26 @@ def _chunk_rows(
             on_bytes(length)
 
 
-def read_head(source: BinaryIO) -> bytes:
+def read_head(source: BinaryIO, size_hint: int | None = None) -> bytes:
     """Read up to one chunk and one byte: enough to sniff the type and to know
-    whether the file fits in one chunk."""
+    whether the file fits in one chunk.
+
+    With `size_hint` (the size fstat gave), a small file is read with buffers of
+    its size: asking for a whole chunk costs a 1 MiB allocation per read, which
+    was most of the time spent on each small file of an import.
+    """
+    limit = CHUNK_SIZE + 1
     head = b""
-    while len(head) <= CHUNK_SIZE:
-        more = _read(source, CHUNK_SIZE + 1 - len(head))
+    while len(head) < limit:
+        want = limit - len(head)
+        if size_hint is not None:
+            # At the expected end, one byte tells whether the file grew.
+            want = min(want, max(size_hint - len(head), 0) + 1)
+        more = _read(source, want)
         if not more:
             break
+        if size_hint is not None and len(head) >= size_hint:
+            size_hint = None  # it grew: read on in whole chunks
         head += more
     return head
 

@@ -4,6 +4,8 @@ reveal nothing; key parsing is strict and its errors never echo the key."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import threading
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from patient_cli.crypto import (
     KEY_ID_LENGTH,
     FernetKey,
+    HmacSha256,
     Keyring,
     generate_key,
     key_id,
@@ -201,3 +204,10 @@ def test_ivs_are_fresh_and_tokens_interoperate_from_several_threads() -> None:
     reference = Fernet(key)
     for plaintext, token in tokens:
         assert reference.decrypt(base64.urlsafe_b64encode(token)) == plaintext
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.binary(max_size=200), parts=st.lists(st.binary(max_size=300), max_size=4))
+def test_hmac_with_precomputed_states_is_hmac_sha256(key: bytes, parts: list[bytes]) -> None:
+    expected = hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+    assert HmacSha256(key).digest(*parts) == expected

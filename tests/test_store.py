@@ -267,3 +267,31 @@ def test_failed_stream_leaves_nothing(session: Session, db_url: str) -> None:
         assert conn.execute(
             "SELECT (SELECT count(*) FROM patient_records), (SELECT count(*) FROM record_chunks)"
         ).fetchone() == (0, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.sampled_from([0, 1, 4000, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE]),
+    hint_offset=st.sampled_from([-5000, -1, 0, 1, 5000, None]),
+    step=st.sampled_from([7, 1 << 16, CHUNK_SIZE * 2]),
+)
+def test_read_head_is_right_whatever_the_size_hint(
+    size: int, hint_offset: int | None, step: int
+) -> None:
+    # The hint is fstat's size; the file may have grown or shrunk since.
+    data = content_of(size, size)
+    hint = None if hint_offset is None else max(size + hint_offset, 0)
+    head = store.read_head(TrickleReader(data, step), hint)  # type: ignore[arg-type]
+    assert head == data[: CHUNK_SIZE + 1]
+
+
+def test_read_head_of_a_small_file_asks_for_its_size_then_one_byte() -> None:
+    asked: list[int] = []
+
+    class Recording(TrickleReader):
+        def read(self, size: int = -1) -> bytes:
+            asked.append(size)
+            return super().read(size) or b""
+
+    assert store.read_head(Recording(b"x" * 4000, 1 << 20), 4000) == b"x" * 4000  # type: ignore[arg-type]
+    assert asked == [4001, 1]
