@@ -300,16 +300,16 @@ class _ImportJob:
             self._fail(item, username, scan.BAD_NAME, exc.message)
             return
         try:
-            source, size = open_regular_file(item.path)
+            source, before = open_regular_file(item.path)
         except UsageError as exc:
             self._fail(item, username, _open_failure_code(exc.message), exc.message)
             return
         try:
             with source:
-                if size <= store.CHUNK_SIZE:
-                    self._small(item, username, record_name, source)
+                if before.st_size <= store.CHUNK_SIZE:
+                    self._small(item, username, record_name, source, before)
                 else:
-                    self._large(item, username, record_name, source)
+                    self._large(item, username, record_name, source, before)
         except _FileChanged:
             self._fail(item, username, CHANGED, "file changed while it was read")
         except UsageError as exc:
@@ -332,9 +332,13 @@ class _ImportJob:
         return store.RecordContent(username, record_name, self.request.record_data, item.name, mime)
 
     def _small(
-        self, item: scan.ScanItem, username: str, record_name: str, source: BinaryIO
+        self,
+        item: scan.ScanItem,
+        username: str,
+        record_name: str,
+        source: BinaryIO,
+        before: os.stat_result,
     ) -> None:
-        before = os.fstat(source.fileno())
         data = store.read_head(source, before.st_size)
         if len(data) != before.st_size or _changed(before, os.fstat(source.fileno())):
             raise _FileChanged()
@@ -375,10 +379,14 @@ class _ImportJob:
             self._flush(wait=False)
 
     def _large(
-        self, item: scan.ScanItem, username: str, record_name: str, source: BinaryIO
+        self,
+        item: scan.ScanItem,
+        username: str,
+        record_name: str,
+        source: BinaryIO,
+        before: os.stat_result,
     ) -> None:
         self._run_checks()  # files before this one go in first
-        before = os.fstat(source.fileno())
         size = before.st_size
         if self.dedupe and self._already_stored(username, size, lambda: _hash_file(source)):
             if self.on_bytes is not None:

@@ -67,9 +67,9 @@ def _check_text(text: str, what: str) -> None:
         raise UsageError(f"{what} is not valid UTF-8") from None
 
 
-def open_regular_file(path: str | Path) -> tuple[BinaryIO, int]:
+def open_regular_file(path: str | Path) -> tuple[BinaryIO, os.stat_result]:
     """Open `path` for reading, refusing anything but a regular file (following
-    symlinks). Never blocks on a FIFO. Returns the file and its size."""
+    symlinks). Never blocks on a FIFO. Returns the file and its fstat."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -82,8 +82,9 @@ def open_regular_file(path: str | Path) -> tuple[BinaryIO, int]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UsageError(f"not a regular file: {path}")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=0), info.st_size
+        # O_NONBLOCK only kept open() from waiting on a FIFO; reads of a regular
+        # file ignore it, so it is left set (two syscalls fewer per file).
+        return os.fdopen(fd, "rb", buffering=0), info
     except BaseException:
         os.close(fd)
         raise

@@ -85,9 +85,9 @@ def add_record(session: Session, request: AddRequest) -> AddResult:
     check_text(request.mime_type, "--mime-type")
     if request.file_path is None:
         return _add_without_file(session, content)
-    source, size = open_regular_file(request.file_path)
+    source, info = open_regular_file(request.file_path)
     with source:
-        head = store.read_head(source, size)
+        head = store.read_head(source, info.st_size)
         file_name = display_file_name(request.file_path)
         mime = request.mime_type or detect_mime_type(file_name, head)
         content = store.RecordContent(
