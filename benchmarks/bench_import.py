@@ -8,7 +8,11 @@ two alternate round by round (tables emptied before every run); each figure is
 the ratio of medians baseline/ours (higher is better), with the peak RSS of the
 importing process from os.wait4. Run by hand, not a test:
 
-    python benchmarks/bench_import.py [--sets mixed,tiny,large] [--rounds 3] [--dsn DSN]
+    python benchmarks/bench_import.py [--sets mixed,tiny,large] [--rounds 3] [--dsn DSN] [--floor]
+
+With --floor, a third series stores the same bytes with no encryption at all,
+in 1 MiB pieces by pipelined INSERTs as `import` does: baseline/floor is the
+best ratio any encrypting import could reach on this machine.
 
 Data sets are generated deterministically (seeded) under --data-dir (default
 /tmp/patient-records-bench) and reused when already there. The script creates and
@@ -26,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +47,14 @@ BASELINE_TABLE = """
         path text NOT NULL,
         data bytea NOT NULL
     )"""
+# The floor's table: 1 MiB pieces, stored uncompressed, as ours are.
+FLOOR_TABLE = """
+    CREATE TABLE IF NOT EXISTS bench_floor (
+        file integer NOT NULL,
+        seq integer NOT NULL,
+        data bytea NOT NULL
+    );
+    ALTER TABLE bench_floor ALTER COLUMN data SET STORAGE EXTERNAL"""
 
 
 # -- data sets ---------------------------------------------------------------------------
@@ -138,6 +150,32 @@ def baseline_ingest(root: str, dsn: str) -> None:
     print(json.dumps({"ingested": count}))
 
 
+def floor_ingest(root: str, dsn: str) -> None:
+    """What `import` would take with no encryption at all: the same files in
+    1 MiB pieces by pipelined INSERTs, as `import` sends a large file's chunks.
+    The ratio baseline/floor is the most any encrypting import could reach."""
+    import psycopg
+
+    def pieces() -> Iterator[tuple[int, int, bytes]]:
+        number = 0
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                with open(os.path.join(folder, name), "rb", buffering=0) as source:
+                    seq = 0
+                    while piece := source.read(MIB):
+                        yield number, seq, piece
+                        seq += 1
+                number += 1
+
+    with psycopg.connect(dsn) as conn:
+        conn.cursor().executemany("INSERT INTO bench_floor VALUES (%s, %s, %b)", pieces())
+        conn.commit()
+    print(json.dumps({"ingested": True}))
+
+
 # -- measuring ---------------------------------------------------------------------------
 
 
@@ -186,7 +224,7 @@ def reset_tables(dsn: str) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE bench_files, record_chunks, patient_records")
+        conn.execute("TRUNCATE bench_files, bench_floor, record_chunks, patient_records")
         conn.execute("CHECKPOINT")
 
 
@@ -215,6 +253,7 @@ class Figure:
     ours_peak_rss_mb: float
     baseline_peak_rss_mb: float
     samples: dict[str, list[float]]
+    floor_ratio: float | None = None  # baseline / no-encryption floor, with --floor
 
     @property
     def ok(self) -> bool:
@@ -222,12 +261,20 @@ class Figure:
 
 
 def measure(
-    data_set: DataSet, folder: Path, files: int, size: int, dsn: str, key: str, rounds: int
+    data_set: DataSet,
+    folder: Path,
+    files: int,
+    size: int,
+    dsn: str,
+    key: str,
+    rounds: int,
+    with_floor: bool = False,
 ) -> Figure:
     env = child_env(dsn, key)
     base_argv = [sys.executable, __file__, "--baseline-ingest", str(folder), "--dsn", dsn]
+    floor_argv = [sys.executable, __file__, "--floor-ingest", str(folder), "--dsn", dsn]
     ours_argv = [*ours_command(), "import", str(folder), "-u", "bench", "-q", "--format", "json"]
-    base, ours = Series(), Series()
+    base, ours, floor = Series(), Series(), Series()
 
     def run_base() -> Sample:
         reset_tables(dsn)
@@ -242,10 +289,16 @@ def measure(
         assert summary["imported"] == files and summary["failed"] == 0, summary
         return sample
 
+    def run_floor() -> Sample:
+        reset_tables(dsn)
+        return run_process(floor_argv, env)
+
     run_base()  # warm-up: page cache, catalog, first-run costs
     run_ours()
     for number in range(rounds):
         order = [(base, run_base), (ours, run_ours)]
+        if with_floor:
+            order.append((floor, run_floor))
         if number % 2:
             order.reverse()
         for series, run in order:
@@ -263,7 +316,8 @@ def measure(
         data_set.target,
         max(ours.rss_kb) / 1024,
         max(base.rss_kb) / 1024,
-        {"baseline_s": base.walls, "ours_s": ours.walls},
+        {"baseline_s": base.walls, "ours_s": ours.walls, "floor_s": floor.walls},
+        base.median / floor.median if with_floor else None,
     )
 
 
@@ -278,6 +332,7 @@ def prepare_schema(dsn: str, key: str) -> None:
     )
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(BASELINE_TABLE)
+        conn.execute(FLOOR_TABLE)
 
 
 def main() -> None:
@@ -287,10 +342,19 @@ def main() -> None:
     parser.add_argument("--dsn", default=DEFAULT_DSN, help="server to create the database on")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the same bytes without encryption (the best ratio reachable)",
+    )
     parser.add_argument("--baseline-ingest", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-ingest", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_ingest:
         baseline_ingest(args.baseline_ingest, args.dsn)
+        return
+    if args.floor_ingest:
+        floor_ingest(args.floor_ingest, args.dsn)
         return
     chosen = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in DATA_SETS]
@@ -306,17 +370,20 @@ def main() -> None:
             data_set = DATA_SETS[name]
             print(f"generating {name} ...", file=sys.stderr)
             folder, files, size = generate(data_set, args.data_dir)
-            figures.append(measure(data_set, folder, files, size, dsn, key, args.rounds))
+            figures.append(
+                measure(data_set, folder, files, size, dsn, key, args.rounds, args.floor)
+            )
     print(f"\nimport vs raw COPY ingest, median of {args.rounds} alternating rounds")
     print(
         f"{'set':<7} {'files':>6} {'MB':>7} {'baseline s':>11} {'ours s':>8} "
-        f"{'ratio':>7} {'target':>7} {'ok':>4} {'peak RSS MB':>12}"
+        f"{'ratio':>7} {'target':>7} {'ok':>4} {'peak RSS MB':>12} {'floor ratio':>12}"
     )
     for f in figures:
         print(
             f"{f.name:<7} {f.files:>6} {f.size / MB:>7.1f} {f.baseline_s:>11.3f} "
             f"{f.ours_s:>8.3f} {f.ratio:>6.2f}x {f.target:>6.2f}x {'yes' if f.ok else 'NO':>4} "
-            f"{f.ours_peak_rss_mb:>12.1f}"
+            f"{f.ours_peak_rss_mb:>12.1f} "
+            + (f"{f.floor_ratio:>11.2f}x" if f.floor_ratio is not None else f"{'-':>12}")
         )
     if args.json:
         print(json.dumps([{**f.__dict__, "ok": f.ok} for f in figures], indent=2))
