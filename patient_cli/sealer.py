@@ -1,4 +1,4 @@
-"""Reading, hashing and encrypting a file's chunks ahead of the COPY that sends them.
+"""Reading, hashing and encrypting a file's chunks ahead of the statements that send them.
 
 Streaming a large file is two kinds of work: ours (read, SHA-256, AES, HMAC;
 cryptography and hashlib release the GIL for all of it) and the server's
@@ -6,6 +6,10 @@ cryptography and hashlib release the GIL for all of it) and the server's
 server idles while the next chunk is encrypted, and we idle while it stores the
 last one. A `ChunkSealer` runs ours in a thread of its own, a few chunks ahead,
 so both proceed at once and the slower side sets the pace.
+
+Tokens are written into a small pool of reused buffers: a fresh megabyte per
+token (allocated, zeroed by the kernel, then copied) cost about as much as
+encrypting it.
 """
 
 from __future__ import annotations
@@ -18,26 +22,36 @@ from types import TracebackType
 from typing import Final
 
 # Chunks sealed ahead of the sender: enough to ride out a slow moment on either
-# side, small enough to bound memory (each is one token of about a chunk).
+# side, small enough to bound memory (each is one buffer of about a chunk).
 DEPTH: Final = 8
 # How often a blocked producer looks whether the consumer has gone away.
 _POLL_SECONDS: Final = 0.1
 
 _DONE: Final = object()
 
-Seal = Callable[[int, bytes], bytes]
+# seal(seq, piece, out) writes the token of `piece` into `out`, returns its length.
+Seal = Callable[[int, memoryview, bytearray], int]
 
 
 class ChunkSealer:
     """Yields (token, plaintext length) for each piece of `pieces`, sealed by
-    `seal(seq, piece)` in a background thread; afterwards `count`, `size` and
-    `digest` describe the whole plaintext. Use as a context manager: leaving it early
-    (an error, Ctrl-C) stops the thread before the next chunk."""
+    `seal` in a background thread into buffers of `capacity` bytes; afterwards
+    `count`, `size` and `digest` describe the whole plaintext.
 
-    def __init__(self, pieces: Iterator[bytes], seal: Seal, depth: int = DEPTH) -> None:
+    Each token is a view of a reused buffer, valid until the next one is asked
+    for (the consumer must have sent it by then). Use as a context manager:
+    leaving it early (an error, Ctrl-C) stops the thread before the next chunk.
+    """
+
+    def __init__(
+        self, pieces: Iterator[memoryview], seal: Seal, capacity: int, depth: int = DEPTH
+    ) -> None:
         self._pieces = pieces
         self._seal = seal
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._ready: queue.Queue[object] = queue.Queue()
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(depth + 1):  # +1: the one the consumer holds
+            self._free.put(bytearray(capacity))
         self._stop = threading.Event()
         self._hasher = hashlib.sha256()
         self._finished = False
@@ -58,16 +72,25 @@ class ChunkSealer:
         self._stop.set()
         self._thread.join()
 
-    def __iter__(self) -> Iterator[tuple[bytes, int]]:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                self._finished = True
-                return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, tuple)
-            yield item
+    def __iter__(self) -> Iterator[tuple[memoryview, int]]:
+        held: bytearray | None = None
+        try:
+            while True:
+                item = self._ready.get()
+                if held is not None:  # the previous token has been sent
+                    self._free.put(held)
+                    held = None
+                if item is _DONE:
+                    self._finished = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, tuple)
+                held, used, length = item
+                yield memoryview(held)[:used], length
+        finally:
+            if held is not None:
+                self._free.put(held)
 
     @property
     def digest(self) -> bytes:
@@ -79,22 +102,21 @@ class ChunkSealer:
     def _run(self) -> None:
         try:
             for seq, piece in enumerate(self._pieces):
-                if self._stop.is_set():
+                out = self._take_free()
+                if out is None:
                     return
                 self._hasher.update(piece)
                 self.size += len(piece)
                 self.count += 1
-                if not self._put((self._seal(seq, piece), len(piece))):
-                    return
-            self._put(_DONE)
+                self._ready.put((out, self._seal(seq, piece, out), len(piece)))
+            self._ready.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            self._put(exc)
+            self._ready.put(exc)
 
-    def _put(self, item: object) -> bool:
+    def _take_free(self) -> bytearray | None:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=_POLL_SECONDS)
-                return True
-            except queue.Full:
+                return self._free.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
                 continue
-        return False
+        return None

@@ -2,10 +2,11 @@
 
 One path stores every file, for `add` and `import` alike: a file that fits in
 one chunk goes in with its record in a single statement (batchable); a larger
-one is streamed in 1 MiB chunks by binary COPY. Each chunk's plaintext starts
-with (record id, sequence number), so a chunk moved, swapped or dropped is
-detected on read, and the record's encrypted metadata holds the file's size
-and SHA-256, checked after the last chunk.
+one is streamed in 1 MiB chunks by pipelined INSERTs, encrypted a few chunks
+ahead by a sealer thread. Each chunk's plaintext starts with (record id,
+sequence number), so a chunk moved, swapped or dropped is detected on read,
+and the record's encrypted metadata holds the file's size and SHA-256, checked
+after the last chunk.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import BinaryIO, LiteralString
 from psycopg import errors as pgerrors
 
 from patient_cli import sql
-from patient_cli.crypto import Keyring, keyed_digest
+from patient_cli.crypto import Keyring, keyed_digest, token_capacity
 from patient_cli.db import Connection
 from patient_cli.errors import IntegrityFailed, UsageError
 from patient_cli.sealer import ChunkSealer
@@ -120,6 +121,16 @@ def file_fingerprint(fingerprint_key: bytes, sha256_digest: bytes) -> bytes:
 
 def seal_chunk(keyring: Keyring, record_id: int, seq: int, data: bytes) -> bytes:
     return keyring.encrypt(CHUNK_HEADER.pack(record_id, seq) + data)
+
+
+def seal_chunk_into(
+    keyring: Keyring, record_id: int, seq: int, data: memoryview, out: bytearray
+) -> int:
+    """seal_chunk, written into `out` (see Keyring.encrypt_into); returns the length."""
+    return keyring.encrypt_into((CHUNK_HEADER.pack(record_id, seq), data), out)
+
+
+CHUNK_TOKEN_CAPACITY = token_capacity(CHUNK_HEADER.size + CHUNK_SIZE)
 
 
 def open_chunk(keyring: Keyring, token: bytes | memoryview, record_id: int, seq: int) -> bytes:
@@ -285,8 +296,9 @@ def store_streamed(
             row = cur.fetchone()
             assert row is not None
             created_at = row[0]
-            seal = functools.partial(seal_chunk, keyring, record_id)
-            with ChunkSealer(_pieces(source, head), seal) as sealer:
+            seal = functools.partial(seal_chunk_into, keyring, record_id)
+            pieces = _pieces(source, head)
+            with ChunkSealer(pieces, seal, CHUNK_TOKEN_CAPACITY) as sealer:
                 cur.executemany(
                     sql.INSERT_CHUNK,
                     _chunk_rows(sealer, content.username, record_id, keyring.primary_id, on_bytes),
@@ -316,7 +328,7 @@ def store_streamed(
 
 
 def _chunk_rows(
-    sealed: Iterable[tuple[bytes, int]],
+    sealed: Iterable[tuple[memoryview, int]],
     username: str,
     record_id: int,
     key_id: str,
@@ -333,8 +345,8 @@ def read_head(source: BinaryIO, size_hint: int | None = None) -> bytes:
     whether the file fits in one chunk.
 
     With `size_hint` (the size fstat gave), a small file is read with buffers of
-    its size: asking for a whole chunk costs a 1 MiB allocation per read, which
-    was most of the time spent on each small file of an import.
+    its size: asking for a whole chunk costs a 1 MiB allocation per read (30 µs
+    against 119 µs to open, read and close a 4 KB file, measured in isolation).
     """
     limit = CHUNK_SIZE + 1
     head = b""
@@ -352,22 +364,37 @@ def read_head(source: BinaryIO, size_hint: int | None = None) -> bytes:
     return head
 
 
-def _pieces(source: BinaryIO, head: bytes) -> Iterator[bytes]:
-    """Yield the file in CHUNK_SIZE pieces (the last may be shorter)."""
-    buffer = head
+def _pieces(source: BinaryIO, head: bytes) -> Iterator[memoryview]:
+    """Yield the file in CHUNK_SIZE pieces (the last may be shorter): `head`,
+    then the rest of `source`. Each piece is a view of one reused buffer, valid
+    until the next is asked for (the sealer hashes and encrypts it before)."""
+    with memoryview(head) as first:
+        whole = len(first) - len(first) % CHUNK_SIZE
+        for start in range(0, whole, CHUNK_SIZE):
+            yield first[start : start + CHUNK_SIZE]
+        carried = first[whole:]
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        filled = len(carried)
+        view[:filled] = carried
     while True:
-        while len(buffer) < CHUNK_SIZE:
-            more = _read(source, CHUNK_SIZE - len(buffer))
-            if not more:
+        while filled < CHUNK_SIZE:
+            got = _readinto(source, view[filled:])
+            if not got:
                 break
-            buffer += more
-        if len(buffer) >= CHUNK_SIZE:
-            yield buffer[:CHUNK_SIZE]
-            buffer = buffer[CHUNK_SIZE:]
-            continue
-        if buffer:
-            yield buffer
-        return
+            filled += got
+        if filled:
+            yield view[:filled]
+        if filled < CHUNK_SIZE:
+            return
+        filled = 0
+
+
+def _readinto(source: BinaryIO, view: memoryview) -> int:
+    try:
+        return source.readinto(view) or 0  # type: ignore[attr-defined]
+    except OSError as exc:
+        raise UsageError(f"cannot read file: {exc.strerror or exc}") from None
 
 
 def _read(source: BinaryIO, size: int) -> bytes:

@@ -22,6 +22,7 @@ from patient_cli.crypto import (
     key_id,
     keyed_digest,
     parse_keys,
+    token_capacity,
 )
 from patient_cli.errors import ConfigError, DecryptionFailed
 
@@ -211,3 +212,19 @@ def test_ivs_are_fresh_and_tokens_interoperate_from_several_threads() -> None:
 def test_hmac_with_precomputed_states_is_hmac_sha256(key: bytes, parts: list[bytes]) -> None:
     expected = hmac.new(key, b"".join(parts), hashlib.sha256).digest()
     assert HmacSha256(key).digest(*parts) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(parts=st.lists(st.binary(max_size=3000), max_size=4))
+def test_encrypt_into_writes_a_fernet_token_of_the_joined_parts(parts: list[bytes]) -> None:
+    key = Fernet.generate_key()
+    out = bytearray(token_capacity(sum(map(len, parts))))
+    used = FernetKey(key).encrypt_into([memoryview(p) for p in parts], out)
+    token = bytes(out[:used])
+    assert Fernet(key).decrypt(base64.urlsafe_b64encode(token)) == b"".join(parts)
+    assert FernetKey(key).decrypt(token) == b"".join(parts)
+
+
+def test_encrypt_into_refuses_a_short_buffer() -> None:
+    with pytest.raises(ValueError):
+        FernetKey(NEW).encrypt_into([b"x" * 100], bytearray(100))

@@ -1,4 +1,4 @@
-"""The sealer thread: order, totals, errors handed over, and an early stop."""
+"""The sealer thread: order, totals, reused buffers, errors handed over, and an early stop."""
 
 from __future__ import annotations
 
@@ -10,36 +10,60 @@ import pytest
 
 from patient_cli.sealer import ChunkSealer
 
+CAPACITY = 64
 
-def seal(seq: int, piece: bytes) -> bytes:
-    return seq.to_bytes(4, "big") + piece[::-1]
+
+def sealed(seq: int, piece: bytes | memoryview) -> bytes:
+    return seq.to_bytes(4, "big") + bytes(piece)[::-1]
+
+
+def seal(seq: int, piece: memoryview, out: bytearray) -> int:
+    token = sealed(seq, piece)
+    out[: len(token)] = token
+    return len(token)
+
+
+def views(pieces: list[bytes]) -> Iterator[memoryview]:
+    # Like store._pieces: every piece in one reused buffer.
+    buffer = bytearray(CAPACITY)
+    for piece in pieces:
+        buffer[: len(piece)] = piece
+        yield memoryview(buffer)[: len(piece)]
 
 
 def test_chunks_come_out_sealed_in_order_with_totals() -> None:
     pieces = [bytes([n]) * (n + 1) for n in range(20)]
-    with ChunkSealer(iter(pieces), seal, depth=3) as sealer:
-        got = list(sealer)
-    assert got == [(seal(n, p), len(p)) for n, p in enumerate(pieces)]
+    with ChunkSealer(views(pieces), seal, CAPACITY, depth=3) as sealer:
+        # Each token is valid until the next is asked for: copy it now.
+        got = [(bytes(token), length) for token, length in sealer]
+    assert got == [(sealed(n, p), len(p)) for n, p in enumerate(pieces)]
     assert sealer.count == 20
     assert sealer.size == sum(map(len, pieces))
     assert sealer.digest == hashlib.sha256(b"".join(pieces)).digest()
 
 
+def test_buffers_are_reused_not_allocated_per_chunk() -> None:
+    with ChunkSealer(views([b"x"] * 50), seal, CAPACITY, depth=2) as sealer:
+        buffers = {id(token.obj) for token, _ in sealer}
+    assert len(buffers) <= 3  # depth + the one the consumer holds
+
+
 def test_digest_is_refused_before_the_last_chunk() -> None:
-    with ChunkSealer(iter([b"a", b"b"]), seal) as sealer:
+    with ChunkSealer(views([b"a", b"b"]), seal, CAPACITY) as sealer:
         next(iter(sealer))
         with pytest.raises(RuntimeError):
             _ = sealer.digest
 
 
 def test_a_read_error_reaches_the_consumer_after_the_chunks_before_it() -> None:
-    def pieces() -> Iterator[bytes]:
-        yield b"first"
+    def pieces() -> Iterator[memoryview]:
+        yield memoryview(b"first")
         raise OSError(5, "Input/output error")
 
-    with ChunkSealer(pieces(), seal) as sealer:
+    with ChunkSealer(pieces(), seal, CAPACITY) as sealer:
         chunks = iter(sealer)
-        assert next(chunks) == (seal(0, b"first"), 5)
+        token, length = next(chunks)
+        assert (bytes(token), length) == (sealed(0, b"first"), 5)
         with pytest.raises(OSError, match="Input/output error"):
             next(chunks)
 
@@ -47,14 +71,14 @@ def test_a_read_error_reaches_the_consumer_after_the_chunks_before_it() -> None:
 def test_leaving_early_stops_the_thread_without_reading_everything() -> None:
     read = 0
 
-    def endless() -> Iterator[bytes]:
+    def endless() -> Iterator[memoryview]:
         nonlocal read
         while True:
             read += 1
-            yield b"x" * 1024
+            yield memoryview(b"x" * 16)
 
     before = threading.active_count()
-    with ChunkSealer(endless(), seal, depth=2) as sealer:
+    with ChunkSealer(endless(), seal, CAPACITY, depth=2) as sealer:
         next(iter(sealer))
     assert threading.active_count() == before
     assert read < 10
