@@ -102,9 +102,12 @@ def _app_for(args: list[str]) -> typer.Typer:
 
 
 def _command_name(args: list[str]) -> str | None:
-    """The first argument that is not a global option (or its value)."""
+    """The first argument that is not a global option (or its value); None when
+    help is asked for before it (`--help add` lists every command)."""
     values = iter(args)
     for arg in values:
+        if arg in ("-h", "--help"):
+            return None
         if arg == "--env-file":
             next(values, None)
         elif not arg.startswith("-"):

@@ -102,11 +102,15 @@ class FernetKey:
         encryptor = self._encryptor()
         pad = bytes((16 - len(plaintext) % 16,)) * (16 - len(plaintext) % 16)  # PKCS7
         header = _HEADER.pack(FERNET_VERSION, int(time.time()) if timestamp is None else timestamp)
-        if len(plaintext) <= _ONE_CALL:  # one call (and a copy) is cheaper
-            body = header + encryptor.update(os.urandom(_IV_SIZE) + plaintext + pad)
-        else:
-            iv = encryptor.update(os.urandom(_IV_SIZE))
-            body = b"".join((header, iv, encryptor.update(plaintext), encryptor.update(pad)))
+        try:
+            if len(plaintext) <= _ONE_CALL:  # one call (and a copy) is cheaper
+                body = header + encryptor.update(os.urandom(_IV_SIZE) + plaintext + pad)
+            else:
+                iv = encryptor.update(os.urandom(_IV_SIZE))
+                body = b"".join((header, iv, encryptor.update(plaintext), encryptor.update(pad)))
+        except BaseException:
+            self._drop_encryptor()
+            raise
         return body + self._signing.digest(body)
 
     def encrypt_into(self, parts: Sequence[Buffer], out: bytearray) -> int:
@@ -124,10 +128,15 @@ class FernetKey:
             raise ValueError("the output buffer is too small for this token")
         _HEADER.pack_into(out, 0, FERNET_VERSION, int(time.time()))
         with memoryview(out) as view:
-            end = _HEADER.size + encryptor.update_into(os.urandom(_IV_SIZE), view[_HEADER.size :])
-            for part in parts:
-                end += encryptor.update_into(part, view[end:])
-            end += encryptor.update_into(bytes((pad,)) * pad, view[end:])
+            try:
+                end = _HEADER.size
+                end += encryptor.update_into(os.urandom(_IV_SIZE), view[end:])
+                for part in parts:
+                    end += encryptor.update_into(part, view[end:])
+                end += encryptor.update_into(bytes((pad,)) * pad, view[end:])
+            except BaseException:
+                self._drop_encryptor()
+                raise
             view[end : end + _MAC_SIZE] = self._signing.digest(view[:end])
         return end + _MAC_SIZE
 
@@ -144,6 +153,12 @@ class FernetKey:
             encryptor = Cipher(algorithms.AES(self._encryption_key), mode).encryptor()
             self._local.encryptor = encryptor
         return encryptor
+
+    def _drop_encryptor(self) -> None:
+        # Interrupted mid-token (Ctrl-C between two updates, a bad part), the
+        # context may hold part of a block, which would shift every later token:
+        # start the next one from a new context.
+        self._local.encryptor = None
 
     def decrypt(self, token: bytes) -> bytes | None:
         """The plaintext, or None when this key did not make this (intact) token."""

@@ -82,8 +82,10 @@ def open_regular_file(path: str | Path) -> tuple[BinaryIO, os.stat_result]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UsageError(f"not a regular file: {path}")
-        # O_NONBLOCK only kept open() from waiting on a FIFO; reads of a regular
-        # file ignore it, so it is left set (two syscalls fewer per file).
+        # O_NONBLOCK only kept open() from waiting on a FIFO. Local files ignore
+        # it, but a FUSE or network file might not, and a read answering "try
+        # again" would look like the end of the file.
+        os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0), info
     except BaseException:
         os.close(fd)

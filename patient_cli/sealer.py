@@ -46,6 +46,8 @@ class ChunkSealer:
     def __init__(
         self, pieces: Iterator[memoryview], seal: Seal, capacity: int, depth: int = DEPTH
     ) -> None:
+        if depth < 1:
+            raise ValueError("the sealer needs at least one chunk of room ahead")
         self._pieces = pieces
         self._seal = seal
         self._ready: queue.Queue[object] = queue.Queue()

@@ -82,3 +82,10 @@ def test_a_command_help_shows_its_options(capsys: pytest.CaptureFixture[str]) ->
     assert code == 0
     assert out.startswith("Usage: patient-records import [OPTIONS] {DIR}")
     assert "--username-from-dir" in out
+
+
+def test_help_before_the_command_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["--help", "add"], capsys)
+    assert code == 0
+    for command in ("add", "list", "import", "export-file", "server"):
+        assert f"  {command} " in out

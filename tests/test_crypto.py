@@ -228,3 +228,17 @@ def test_encrypt_into_writes_a_fernet_token_of_the_joined_parts(parts: list[byte
 def test_encrypt_into_refuses_a_short_buffer() -> None:
     with pytest.raises(ValueError):
         FernetKey(NEW).encrypt_into([b"x" * 100], bytearray(100))
+
+
+def test_a_token_interrupted_midway_does_not_shift_the_next_ones() -> None:
+    # A failure between two updates (here a part that is not bytes, after five
+    # bytes went in) must not leave part of a block in the reused CBC context.
+    key = Fernet.generate_key()
+    fernet_key = FernetKey(key)
+    out = bytearray(token_capacity(100))
+    with pytest.raises(TypeError):
+        fernet_key.encrypt_into([b"x" * 5, object()], out)  # type: ignore[list-item]
+    token = fernet_key.encrypt(b"after")
+    assert Fernet(key).decrypt(base64.urlsafe_b64encode(token)) == b"after"
+    used = fernet_key.encrypt_into([b"again"], out)
+    assert fernet_key.decrypt(bytes(out[:used])) == b"again"

@@ -82,3 +82,8 @@ def test_leaving_early_stops_the_thread_without_reading_everything() -> None:
         next(iter(sealer))
     assert threading.active_count() == before
     assert read < 10
+
+
+def test_a_sealer_without_room_ahead_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ChunkSealer(views([b"x"]), seal, CAPACITY, depth=0)
