@@ -391,8 +391,13 @@ def _pieces(source: BinaryIO, head: bytes) -> Iterator[memoryview]:
 
 
 def _readinto(source: BinaryIO, view: memoryview) -> int:
+    readinto = getattr(source, "readinto", None)  # files have it; BinaryIO need not
+    if readinto is None:
+        data = _read(source, len(view))
+        view[: len(data)] = data
+        return len(data)
     try:
-        return source.readinto(view) or 0  # type: ignore[attr-defined]
+        return int(readinto(view) or 0)
     except OSError as exc:
         raise UsageError(f"cannot read file: {exc.strerror or exc}") from None
 

@@ -295,3 +295,19 @@ def test_read_head_of_a_small_file_asks_for_its_size_then_one_byte() -> None:
 
     assert store.read_head(Recording(b"x" * 4000, 1 << 20), 4000) == b"x" * 4000  # type: ignore[arg-type]
     assert asked == [4001, 1]
+
+
+def test_pieces_of_a_source_that_only_has_read() -> None:
+    class ReadOnly:
+        def __init__(self, data: bytes) -> None:
+            self._source = io.BytesIO(data)
+
+        def read(self, size: int = -1) -> bytes:
+            return self._source.read(min(size, 5000))
+
+    data = content_of(2 * CHUNK_SIZE + 7, 9)
+    source = ReadOnly(data)
+    head = store.read_head(source)  # type: ignore[arg-type]
+    pieces = [bytes(p) for p in store._pieces(source, head)]  # type: ignore[arg-type]
+    assert [len(p) for p in pieces] == [CHUNK_SIZE, CHUNK_SIZE, 7]
+    assert b"".join(pieces) == data
