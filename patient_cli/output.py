@@ -77,6 +77,24 @@ def print_table(
     Console().print(table)
 
 
+def print_listing(
+    out: Format,
+    key: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    table_rows: Iterable[Sequence[Any]],
+    caption: str | None = None,
+) -> None:
+    """A list of items: `{key: rows}` as JSON, one row per line as NDJSON, or a
+    table of `table_rows` (built only when a table is printed, if a generator)."""
+    if out is Format.json:
+        print_json({key: list(rows)})
+    elif out is Format.ndjson:
+        print_ndjson(rows)
+    else:
+        print_table(columns, table_rows, caption=caption)
+
+
 def print_pairs(pairs: Mapping[str, Any], title: str | None = None) -> None:
     print_table(["", ""], [(k, v) for k, v in pairs.items()], title=title)
 

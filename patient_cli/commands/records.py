@@ -19,7 +19,7 @@ from patient_cli.cli_app import (
     run_command,
 )
 from patient_cli.errors import UsageError
-from patient_cli.output import Format, Messages, human_size, print_json, print_ndjson, print_table
+from patient_cli.output import Format, Messages, human_size, print_json, print_listing, print_table
 
 
 def _read_text_input(data: str | None, data_file: Path | None) -> str | None:
@@ -179,28 +179,26 @@ def list_(
             }
             for r in found
         ]
-        if out is Format.json:
-            print_json({"records": rows})
-        elif out is Format.ndjson:
-            print_ndjson(rows)
-        else:
-            print_table(
-                ["id", "username", "name", "data", "file", "type", "size", "created"],
+        print_listing(
+            out,
+            "records",
+            rows,
+            ["id", "username", "name", "data", "file", "type", "size", "created"],
+            (
                 [
-                    [
-                        r.id,
-                        r.username,
-                        r.record_name,
-                        _short(r.record_data),
-                        r.file_name,
-                        r.file_type,
-                        human_size(r.file_size),
-                        r.created_at,
-                    ]
-                    for r in found
-                ],
-                caption=f"{len(found)} record(s)",
-            )
+                    r.id,
+                    r.username,
+                    r.record_name,
+                    _short(r.record_data),
+                    r.file_name,
+                    r.file_type,
+                    human_size(r.file_size),
+                    r.created_at,
+                ]
+                for r in found
+            ),
+            caption=f"{len(found)} record(s)",
+        )
 
     run_command(fmt, quiet, body)
 

@@ -25,7 +25,7 @@ from patient_cli.output import (
     Messages,
     human_size,
     print_json,
-    print_ndjson,
+    print_listing,
     print_pairs,
     print_table,
 )
@@ -258,28 +258,26 @@ def audit(
         with open_session(actor) as session:
             events = list_events(session, query)
         rows = [_event_json(e) for e in events]
-        if out is Format.json:
-            print_json({"events": rows})
-        elif out is Format.ndjson:
-            print_ndjson(rows)
-        else:
-            print_table(
-                ["id", "at", "action", "outcome", "who", "patients", "records", "details"],
+        print_listing(
+            out,
+            "events",
+            rows,
+            ["id", "at", "action", "outcome", "who", "patients", "records", "details"],
+            (
                 [
-                    [
-                        e.id,
-                        e.at,
-                        e.action,
-                        e.outcome,
-                        _who(e.os_user, e.db_role, e.actor),
-                        ", ".join(e.usernames),
-                        _short_ids(e.record_ids),
-                        ", ".join(f"{k}={v}" for k, v in sorted(e.details.items())),
-                    ]
-                    for e in events
-                ],
-                caption=f"{len(events)} event(s)",
-            )
+                    e.id,
+                    e.at,
+                    e.action,
+                    e.outcome,
+                    _who(e.os_user, e.db_role, e.actor),
+                    ", ".join(e.usernames),
+                    _short_ids(e.record_ids),
+                    ", ".join(f"{k}={v}" for k, v in sorted(e.details.items())),
+                ]
+                for e in events
+            ),
+            caption=f"{len(events)} event(s)",
+        )
 
     run_command(fmt, quiet, body)
 
