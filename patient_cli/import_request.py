@@ -12,6 +12,8 @@ from patient_cli import scan
 from patient_cli.errors import UsageError
 from patient_cli.inputs import check_record_data, check_username
 
+MAX_WORKERS = 16
+
 NameFrom = Literal["stem", "name", "relpath"]
 Status = Literal["imported", "would_import", "skipped", "failed"]
 
@@ -29,6 +31,9 @@ class ImportRequest:
     record_data: str | None = None
     allow_duplicates: bool = False
     dry_run: bool = False
+    # Processes that read and encrypt small files; None: one per core, up to
+    # MAX_WORKERS (0 does it all in this process).
+    workers: int | None = None
 
     @property
     def scan_options(self) -> scan.ScanOptions:
@@ -127,6 +132,8 @@ def check_request(request: ImportRequest) -> None:
     else:
         check_username(request.username)
     check_record_data(request.record_data)
+    if request.workers is not None and not 0 <= request.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 0 and {MAX_WORKERS}")
     scan.check_root(request.root)
 
 

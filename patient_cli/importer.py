@@ -12,11 +12,13 @@ file is reported and the import goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -30,6 +32,18 @@ from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.crypto import Keyring
 from patient_cli.db import translate_db_errors
 from patient_cli.errors import UsageError
+from patient_cli.import_pool import (
+    CHANGED,
+    FileChanged,
+    Result,
+    SmallFilePreparer,
+    Task,
+    WorkerPool,
+    changed,
+    default_workers,
+    open_failure_code,
+    read_small,
+)
 from patient_cli.import_request import (
     Failure,
     FileOutcome,
@@ -72,10 +86,12 @@ CHECK_FILES = 500
 CHECK_BYTES = 8 << 20
 # A deadlock with another import over overlapping folders: redo that second of work.
 UNIT_ATTEMPTS = 3
+# Files go to the worker processes (import_pool) in batches of this many, with
+# this many batches per worker sent ahead of the one being taken in.
+POOL_BATCH = 32
+POOL_AHEAD = 2
 
-# Failure codes besides those of `scan`.
-VANISHED = "vanished"
-CHANGED = "changed_while_reading"
+# Failure code besides those of `scan` and `import_pool`.
 DATABASE_REJECTED = "database_rejected"
 # Per-file database errors: the file's data was refused; the next file may be fine.
 _FILE_DB_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
@@ -101,7 +117,13 @@ def import_folder(
         if session.conn.info.transaction_status != TransactionStatus.IDLE:
             session.conn.commit()
         job = _ImportJob(session, request, keyring, run_event, on_outcome, on_bytes)
-        job.run(scan.scan(request.scan_options))
+        workers = request.workers if request.workers is not None else default_workers()
+        if request.dry_run:
+            workers = 0  # it reads only files that may be stored already
+        # Forked here, before any thread of this run starts.
+        with WorkerPool(workers, job.preparer) if workers else contextlib.nullcontext() as pool:
+            job.pool = pool
+            job.run(scan.scan(request.scan_options))
     job.summary.seconds = time.monotonic() - started
     return job.summary
 
@@ -111,17 +133,21 @@ _Pending = tuple[FileOutcome, store.PreparedRecord]
 
 @dataclass(frozen=True)
 class _Check:
-    """A small file read, whose content may already be stored (fingerprint set)."""
+    """A small file read (and, from a worker, already encrypted) whose content
+    may already be stored (fingerprint set), or that waits behind one that may."""
 
     item: scan.ScanItem
     username: str
     record_name: str
-    data: bytes
+    size: int
+    data: bytes | None
+    prepared: store.PreparedRecord | None
     fingerprint: bytes | None
 
 
-class _FileChanged(Exception):
-    """The file changed while it was being stored: undo its savepoint."""
+# A file on its way to a worker: its scan item, user and record name, and its
+# task (None when it already failed, with the failure in its place).
+_Entry = tuple[scan.ScanItem, str | None, str, Task | None, Result | None]
 
 
 class _ImportJob:
@@ -166,6 +192,14 @@ class _ImportJob:
         # such a size can be a duplicate, so only those are hashed up front.
         self.sizes_user: str | None = None
         self.sizes: set[int] = set()
+        # Worker processes (none in a dry run or on one core): the batch being
+        # gathered, and those sent, oldest first.
+        self.preparer = SmallFilePreparer(
+            keyring, self.fingerprint_key, request.record_data, self.dedupe
+        )
+        self.pool: WorkerPool | None = None
+        self.sent: deque[list[_Entry]] = deque()
+        self.current: deque[tuple[_Entry, Result]] = deque()
 
     # -- the run ----------------------------------------------------------------
 
@@ -207,20 +241,30 @@ class _ImportJob:
                 if not (exc.sqlstate or "").startswith("40") or attempt == UNIT_ATTEMPTS - 1:
                     raise
                 self._reset_unit()
-                items = itertools.chain(taken, items)
+                items = itertools.chain(taken, self._abandon_sent(), items)
                 continue
             self._settle()
             return more, items
         raise AssertionError("unreachable")
 
     def _fill_unit(self, items: Iterator[scan.ScanItem], taken: list[scan.ScanItem]) -> bool:
+        """Take in files until the unit is full (True) or none are left (False)."""
         started = time.monotonic()
-        for item in items:
+        while time.monotonic() - started < COMMIT_SECONDS and self.unit_bytes < COMMIT_BYTES:
+            if self.pool is None:
+                item = next(items, None)
+                if item is None:
+                    return False
+                taken.append(item)
+                self._process(item)
+                continue
+            done = self._next_done(items)
+            if done is None:
+                return False
+            (item, username, record_name, _, _), result = done
             taken.append(item)
-            self._process(item)
-            if time.monotonic() - started >= COMMIT_SECONDS or self.unit_bytes >= COMMIT_BYTES:
-                return True
-        return False
+            self._take_result(item, username, record_name, result)
+        return True
 
     def _reset_unit(self) -> None:
         self.checks.clear()
@@ -299,21 +343,108 @@ class _ImportJob:
         except UsageError as exc:
             self._fail(item, username, scan.BAD_NAME, exc.message)
             return
+        self._open(item, username, record_name, small=True)
+
+    def _open(self, item: scan.ScanItem, username: str, record_name: str, small: bool) -> None:
         try:
             source, before = open_regular_file(item.path)
         except UsageError as exc:
-            self._fail(item, username, _open_failure_code(exc.message), exc.message)
+            self._fail(item, username, open_failure_code(exc.message), exc.message)
             return
         try:
             with source:
-                if before.st_size <= store.CHUNK_SIZE:
+                if small and before.st_size <= store.CHUNK_SIZE:
                     self._small(item, username, record_name, source, before)
                 else:
                     self._large(item, username, record_name, source, before)
-        except _FileChanged:
+        except FileChanged:
             self._fail(item, username, CHANGED, "file changed while it was read")
         except UsageError as exc:
             self._fail(item, username, scan.UNREADABLE, exc.message)
+
+    # -- with worker processes --------------------------------------------------
+
+    def _next_done(self, items: Iterator[scan.ScanItem]) -> tuple[_Entry, Result] | None:
+        """The next file, in scan order, with what its worker made of it; None
+        when there are no more. Keeps the workers a few batches ahead."""
+        assert self.pool is not None
+        if not self.current:
+            self._send_ahead(items)
+            if not self.sent:
+                return None
+            batch = self.sent.popleft()
+            results = iter(self.pool.receive())
+            for entry in batch:
+                result = entry[4] if entry[3] is None else next(results)
+                assert result is not None
+                self.current.append((entry, result))
+            self._send_ahead(items)
+        return self.current.popleft()
+
+    def _send_ahead(self, items: Iterator[scan.ScanItem]) -> None:
+        assert self.pool is not None
+        while len(self.sent) < self.pool.size * POOL_AHEAD:
+            batch = [self._entry(item) for item in itertools.islice(items, POOL_BATCH)]
+            if not batch:
+                return
+            self.pool.send([entry[3] for entry in batch if entry[3] is not None])
+            self.sent.append(batch)
+
+    def _abandon_sent(self) -> list[scan.ScanItem]:
+        """After a rollback: the files given to workers but not taken in yet, to
+        be given again (with new record ids); their results are dropped."""
+        left = [entry[0] for entry, _ in self.current]
+        self.current.clear()
+        while self.sent:
+            left.extend(entry[0] for entry in self.sent.popleft())
+            assert self.pool is not None
+            self.pool.receive()
+        return left
+
+    def _entry(self, item: scan.ScanItem) -> _Entry:
+        """A file for the workers (one the scan found bad carries its failure
+        instead, so that outcomes stay in scan order)."""
+        username = self.request.username or item.username
+        failure: Result | None = None
+        task: Task | None = None
+        record_name = ""
+        if item.problem is not None:
+            failure = ("failed", item.problem.code, item.problem.error)
+        else:
+            assert username is not None
+            try:
+                record_name = check_record_name(self._record_name(item))
+            except UsageError as exc:
+                failure = ("failed", scan.BAD_NAME, exc.message)
+            else:
+                task = (self._next_id(), item.path, username, record_name, item.name)
+        return (item, username, record_name, task, failure)
+
+    def _take_result(
+        self, item: scan.ScanItem, username: str | None, record_name: str, result: Result
+    ) -> None:
+        kind = result[0]
+        if kind == "failed":
+            self._fail(item, username, result[1], result[2])
+            return
+        assert username is not None
+        if kind == "large":  # the main process streams it
+            self._open(item, username, record_name, small=False)
+            return
+        prepared: store.PreparedRecord = result[1]
+        size = prepared.file_size or 0
+        if self.on_bytes is not None:
+            self.on_bytes(size)
+        fingerprint: bytes | None = None
+        if self.dedupe and self._size_stored(username, size):
+            fingerprint = prepared.fingerprint
+        if fingerprint is None and not self.checks:
+            self._take_prepared(item, username, prepared)
+            return
+        self.checks.append(_Check(item, username, record_name, size, None, prepared, fingerprint))
+        self.checks_bytes += size
+        if len(self.checks) >= CHECK_FILES or self.checks_bytes >= CHECK_BYTES:
+            self._run_checks()
 
     def _record_name(self, item: scan.ScanItem) -> str:
         if self.request.name_from == "name":
@@ -339,9 +470,7 @@ class _ImportJob:
         source: BinaryIO,
         before: os.stat_result,
     ) -> None:
-        data = store.read_head(source, before.st_size)
-        if len(data) != before.st_size or _changed(before, os.fstat(source.fileno())):
-            raise _FileChanged()
+        data = read_small(source, before)
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         fingerprint = None
@@ -354,7 +483,7 @@ class _ImportJob:
             return
         # Possibly stored already: ask the database about many such files at once.
         # Later files queue behind it, so records still go in in scan order.
-        self.checks.append(_Check(item, username, record_name, data, fingerprint))
+        self.checks.append(_Check(item, username, record_name, len(data), data, None, fingerprint))
         self.checks_bytes += len(data)
         if len(self.checks) >= CHECK_FILES or self.checks_bytes >= CHECK_BYTES:
             self._run_checks()
@@ -370,11 +499,17 @@ class _ImportJob:
         prepared = store.prepare_small(
             self.keyring, self.fingerprint_key, self._next_id(), content, data, self.dedupe
         )
-        outcome = FileOutcome(item.shown, "imported", username, len(data))
+        self._take_prepared(item, username, prepared)
+
+    def _take_prepared(
+        self, item: scan.ScanItem, username: str, prepared: store.PreparedRecord
+    ) -> None:
+        size = prepared.file_size or 0
+        outcome = FileOutcome(item.shown, "imported", username, size)
         self._add(outcome)
         self.pending.append((outcome, prepared))
-        self.pending_bytes += len(data)
-        self.unit_bytes += len(data)
+        self.pending_bytes += size
+        self.unit_bytes += size
         if len(self.pending) >= BATCH_FILES or self.pending_bytes >= BATCH_BYTES:
             self._flush(wait=False)
 
@@ -415,9 +550,9 @@ class _ImportJob:
                     on_bytes=self.on_bytes,
                 )
                 if stored is not None and (
-                    stored.file_size != size or _changed(before, os.fstat(source.fileno()))
+                    stored.file_size != size or changed(before, os.fstat(source.fileno()))
                 ):
-                    raise _FileChanged()
+                    raise FileChanged()
         except _FILE_DB_ERRORS as exc:
             self._fail(item, username, DATABASE_REJECTED, _db_rejection(exc))
             return
@@ -455,9 +590,12 @@ class _ImportJob:
                 stored = {bytes(row[0]) for row in cur}
         for check in checks:
             if check.fingerprint is not None and check.fingerprint in stored:
-                outcome = FileOutcome(check.item.shown, "skipped", check.username, len(check.data))
+                outcome = FileOutcome(check.item.shown, "skipped", check.username, check.size)
                 self._add(outcome)
+            elif check.prepared is not None:
+                self._take_prepared(check.item, check.username, check.prepared)
             else:
+                assert check.data is not None
                 self._take_small(check.item, check.username, check.record_name, check.data)
 
     def _already_stored(self, username: str, size: int, digest: Callable[[], bytes]) -> bool:
@@ -575,10 +713,6 @@ class _ImportJob:
         self.unit.append(FileOutcome(item.shown, "failed", username, error=error, code=code))
 
 
-def _changed(before: os.stat_result, after: os.stat_result) -> bool:
-    return before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
-
-
 def _hash_file(source: BinaryIO) -> bytes:
     hasher = hashlib.sha256()
     while True:
@@ -589,16 +723,6 @@ def _hash_file(source: BinaryIO) -> bytes:
         if not piece:
             return hasher.digest()
         hasher.update(piece)
-
-
-def _open_failure_code(message: str) -> str:
-    if message.startswith("file not found"):
-        return VANISHED
-    if message.startswith("not a regular file"):
-        return scan.NOT_REGULAR
-    if "symbolic links" in message:
-        return scan.SYMLINK_LOOP
-    return scan.UNREADABLE
 
 
 def _db_rejection(exc: psycopg.Error) -> str:

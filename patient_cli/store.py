@@ -79,6 +79,7 @@ class PreparedRecord:
     has_chunk: bool
     file_size: int | None
     sha256: str | None
+    fingerprint: bytes | None = None
 
 
 # -- metadata ----------------------------------------------------------------
@@ -186,7 +187,7 @@ def prepare_small(
     }
     if chunk is not None:
         params["chunk"] = chunk
-    return PreparedRecord(params, chunk is not None, size, sha)
+    return PreparedRecord(params, chunk is not None, size, sha, fingerprint)
 
 
 def insert_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[StoredRecord | None]:

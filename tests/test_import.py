@@ -73,11 +73,17 @@ def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "patient_cli", *args]
 
 
+@pytest.fixture(params=["0", "2"], ids=["in-process", "2-workers"])
+def workers(request: pytest.FixtureRequest) -> str:
+    """--workers for tests that must hold with and without worker processes."""
+    return str(request.param)
+
+
 # -- which files, which names ------------------------------------------------------
 
 
 def test_imports_nested_folders_with_names_types_and_identical_exports(
-    ready: Cli, tmp_path: Path
+    ready: Cli, tmp_path: Path, workers: str
 ) -> None:
     big = os.urandom(CHUNK_SIZE * 2 + 123)  # streamed in three chunks
     files = {
@@ -89,7 +95,9 @@ def test_imports_nested_folders_with_names_types_and_identical_exports(
     }
     root = make_tree(tmp_path / "inbox", files)
 
-    code, summary, _ = run_import(ready, str(root), "-u", "turtle", "--data", "from the scanner")
+    code, summary, _ = run_import(
+        ready, str(root), "-u", "turtle", "--data", "from the scanner", "--workers", workers
+    )
 
     assert code == 0
     assert summary["imported"] == 5 and summary["skipped"] == 0 and summary["failed"] == 0
@@ -245,7 +253,7 @@ def test_no_key_stops_the_run_with_exit_5(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_rerun_skips_stored_content_and_duplicates_within_a_run(
-    ready: Cli, tmp_path: Path, db_url: str
+    ready: Cli, tmp_path: Path, db_url: str, workers: str
 ) -> None:
     big = os.urandom(CHUNK_SIZE + 10)
     root = make_tree(
@@ -253,9 +261,9 @@ def test_rerun_skips_stored_content_and_duplicates_within_a_run(
         {"a.txt": b"same", "b.txt": b"same", "c.txt": b"other", "d.bin": big, "e.bin": big},
     )
 
-    code, first, _ = run_import(ready, str(root), "-u", "ann")
+    code, first, _ = run_import(ready, str(root), "-u", "ann", "--workers", workers)
     assert (code, first["imported"], first["skipped"]) == (0, 3, 2)
-    code, second, _ = run_import(ready, str(root), "-u", "ann")
+    code, second, _ = run_import(ready, str(root), "-u", "ann", "--workers", workers)
     assert (code, second["imported"], second["skipped"], second["bytes"]) == (0, 0, 5, 0)
     # The same content for another patient is that patient's own record.
     code, other, _ = run_import(ready, str(root), "-u", "bob")
@@ -389,7 +397,7 @@ def test_each_commit_is_audited_with_the_stored_ids(
 
 
 def test_many_small_files_with_duplicates_across_batches(
-    ready: Cli, tmp_path: Path, db_url: str
+    ready: Cli, tmp_path: Path, db_url: str, workers: str
 ) -> None:
     from patient_cli.importer import BATCH_FILES
 
@@ -399,7 +407,7 @@ def test_many_small_files_with_duplicates_across_batches(
         files[f"f{n:05d}.txt"] = b"the same letter"  # one stored, the rest skipped
     root = make_tree(tmp_path / "in", files)
 
-    code, summary, _ = run_import(ready, str(root), "-u", "ann")
+    code, summary, _ = run_import(ready, str(root), "-u", "ann", "--workers", workers)
 
     duplicates = len(range(0, count, 100)) - 1
     assert (code, summary["imported"], summary["skipped"]) == (0, count - duplicates, duplicates)
@@ -418,7 +426,7 @@ def test_many_small_files_with_duplicates_across_batches(
 
 
 def test_special_files_are_reported_without_hanging(
-    tmp_path: Path, env: dict[str, str], ready: Cli
+    tmp_path: Path, env: dict[str, str], ready: Cli, workers: str
 ) -> None:
     root = make_tree(tmp_path / "in", {"real.txt": b"real", "folder/inner.txt": b"inner"})
     os.mkfifo(root / "fifo")
@@ -432,7 +440,7 @@ def test_special_files_are_reported_without_hanging(
         out.write(b"bad name")
 
     done = subprocess.run(
-        cli_argv("import", str(root), "-u", "ann", "--format", "json"),
+        cli_argv("import", str(root), "-u", "ann", "--format", "json", "--workers", workers),
         env=subprocess_env(),
         capture_output=True,
         timeout=120,
@@ -469,12 +477,36 @@ def test_a_file_that_vanishes_before_it_is_read_is_a_failure(ready: Cli, tmp_pat
         (root / "b.txt").unlink(missing_ok=True)
 
     with Session(load_settings()) as session:
-        summary = import_folder(session, ImportRequest(root, username="ann"), on_bytes=remove_b)
+        request = ImportRequest(root, username="ann", workers=0)  # read here, in order
+        summary = import_folder(session, request, on_bytes=remove_b)
 
     assert (summary.imported, summary.failed) == (1, 1)
     assert summary.failures == [
         Failure(str(root / "b.txt"), f"file not found: {root / 'b.txt'}", "vanished")
     ]
+
+
+def test_a_file_that_vanishes_before_a_worker_reads_it_is_a_failure(
+    ready: Cli, tmp_path: Path
+) -> None:
+    from patient_cli.config import load_settings
+    from patient_cli.importer import Failure, ImportRequest, import_folder
+    from patient_cli.session import Session
+
+    # Workers get files a few batches ahead of the one being taken in, so the
+    # last of 600 is still unread when the first file's outcome is reported.
+    root = make_tree(tmp_path / "in", {f"f{n:03d}.txt": b"%d" % n for n in range(600)})
+    last = root / "f599.txt"
+
+    def remove_last(size: int) -> None:
+        last.unlink(missing_ok=True)
+
+    with Session(load_settings()) as session:
+        request = ImportRequest(root, username="ann", workers=2)
+        summary = import_folder(session, request, on_bytes=remove_last)
+
+    assert (summary.imported, summary.failed) == (599, 1)
+    assert summary.failures == [Failure(str(last), f"file not found: {last}", "vanished")]
 
 
 # -- interruption and concurrency ----------------------------------------------------------

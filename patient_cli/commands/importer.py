@@ -83,6 +83,16 @@ def import_(
         bool,
         typer.Option("--dry-run", help="Report what would be imported or skipped; store nothing."),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            metavar="N",
+            help="Processes that read and encrypt small files "
+            "[default: one per core, up to 3; 0: none].",
+            show_default=False,
+        ),
+    ] = None,
     fmt: FormatOption = None,
     quiet: QuietOption = False,
     actor: ActorOption = None,
@@ -104,6 +114,7 @@ def import_(
             record_data=data,
             allow_duplicates=allow_duplicates,
             dry_run=dry_run,
+            workers=workers,
         )
         check_request(request)
         progress = _Progress.start(request) if not quiet and sys.stderr.isatty() else None

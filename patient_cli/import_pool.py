@@ -1,0 +1,251 @@
+"""Reading and encrypting small files in worker processes, for `import`.
+
+Many small files cost about 200 µs of Python each (open, read, hash, sniff,
+two tokens), which one core cannot beat; cryptography and hashlib release the
+GIL but the rest does not. So `import` forks a few workers that read and
+encrypt small files, while the main process walks the folder, decides what to
+skip and sends the rows to PostgreSQL on its one connection, in one stream of
+transactions and audit events as before. A worker only turns a file into a
+`PreparedRecord` (with `store.prepare_small`, the same function `add` uses);
+it never touches the database.
+
+Workers are plain forks with a socket pair each: they inherit the keys (which
+never cross a pipe), ignore Ctrl-C (the main process decides and stops them),
+and exit when the main process goes away, even by `kill -9`, because theirs is
+the only open end of their socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from patient_cli import scan, store
+from patient_cli.crypto import Keyring
+from patient_cli.errors import UsageError
+from patient_cli.inputs import open_regular_file
+from patient_cli.mime import detect_mime_type
+
+# One task: (record id, path, username, record name, file name).
+Task = tuple[int, str, str, str, str]
+# One result, in task order: ("ok", PreparedRecord), ("large",) for a file that
+# needs more than one chunk (the main process streams it), ("failed", code,
+# message) or ("changed",) for a file that changed while it was read.
+Result = tuple[Any, ...]
+Prepare = Callable[[Task], Result]
+
+# A worker answers in messages of at most about this many bytes of tokens, so
+# a batch of large-ish files never sits whole in memory.
+MESSAGE_BYTES = 4 << 20
+_LENGTH = struct.Struct(">Q")
+
+
+def default_workers() -> int:
+    """One worker per core, at most 3 (the main process and the server need CPU
+    too); none on one core, where a worker would only add copying."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 0 if (cores or 1) < 2 else min(3, cores or 1)
+
+
+@dataclass
+class _Worker:
+    pid: int
+    sock: socket.socket
+    reader: Any  # a buffered binary file over sock
+    waiting: deque[int]  # task counts of the batches sent, oldest first
+
+
+class WorkerPool:
+    """`size` forked workers running `prepare` over batches of tasks.
+
+    Batches are answered in the order they were sent (`send`, then `receive`).
+    Fork it before starting any thread: a fork copies only the calling thread.
+    """
+
+    def __init__(self, size: int, prepare: Prepare) -> None:
+        self._workers: list[_Worker] = []
+        self._next = 0
+        self._order: deque[_Worker] = deque()
+        try:
+            for _ in range(size):
+                self._workers.append(self._fork(prepare))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._order)
+
+    def send(self, tasks: Sequence[Task]) -> None:
+        """Give a batch to the next worker in turn."""
+        worker = self._workers[self._next]
+        self._next = (self._next + 1) % len(self._workers)
+        _write(worker.sock, list(tasks))
+        worker.waiting.append(len(tasks))
+        self._order.append(worker)
+
+    def receive(self) -> list[Result]:
+        """The results of the oldest batch not yet received, in task order."""
+        worker = self._order.popleft()
+        expected = worker.waiting.popleft()
+        results: list[Result] = []
+        while len(results) < expected:
+            part = _read(worker.reader)
+            if part is None:
+                raise RuntimeError("an import worker stopped unexpectedly")
+            results.extend(part)
+        return results
+
+    def close(self) -> None:
+        """Stop the workers (they exit on end of input) and reap them."""
+        for worker in self._workers:
+            worker.reader.close()
+            worker.sock.close()
+        for worker in self._workers:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(worker.pid, 0)
+        self._workers.clear()
+        self._order.clear()
+
+    def _fork(self, prepare: Prepare) -> _Worker:
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                mine.close()
+                for other in self._workers:  # only its own socket stays open
+                    other.reader.close()
+                    other.sock.close()
+                _serve(theirs, prepare)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        return _Worker(pid, mine, mine.makefile("rb"), deque())
+
+
+def _serve(sock: socket.socket, prepare: Prepare) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    reader = sock.makefile("rb")
+    while (tasks := _read(reader)) is not None:
+        part: list[Result] = []
+        part_bytes = 0
+        for task in tasks:
+            result = prepare(task)
+            part.append(result)
+            if result[0] == "ok":
+                part_bytes += result[1].file_size or 0
+            if part_bytes >= MESSAGE_BYTES:
+                _write(sock, part)
+                part, part_bytes = [], 0
+        if part or not tasks:
+            _write(sock, part)
+
+
+def _write(sock: socket.socket, value: object) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_LENGTH.pack(len(data)))
+    sock.sendall(data)
+
+
+def _read(reader: Any) -> Any:
+    """The next message, or None at end of input."""
+    header = reader.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    data = reader.read(length)
+    if len(data) < length:
+        return None
+    # Only ever from our own fork, over a socket pair no one else can open.
+    return pickle.loads(data)  # noqa: S301
+
+
+# -- the workers' job --------------------------------------------------------
+
+# Failure codes besides those of `scan`.
+VANISHED = "vanished"
+CHANGED = "changed_while_reading"
+
+
+class FileChanged(Exception):
+    """The file changed while it was read."""
+
+
+@dataclass(frozen=True)
+class SmallFilePreparer:
+    """Turns one task into a result: what a worker does per file (and what the
+    main process does itself when there are no workers)."""
+
+    keyring: Keyring
+    fingerprint_key: bytes
+    record_data: str | None
+    dedupe: bool
+
+    def __call__(self, task: Task) -> Result:
+        record_id, path, username, record_name, file_name = task
+        try:
+            source, before = open_regular_file(path)
+        except UsageError as exc:
+            return ("failed", open_failure_code(exc.message), exc.message)
+        try:
+            with source:
+                if before.st_size > store.CHUNK_SIZE:
+                    return LARGE
+                data = read_small(source, before)
+        except FileChanged:
+            return CHANGED_RESULT
+        except UsageError as exc:
+            return ("failed", scan.UNREADABLE, exc.message)
+        mime = detect_mime_type(file_name, data)
+        content = store.RecordContent(username, record_name, self.record_data, file_name, mime)
+        prepared = store.prepare_small(
+            self.keyring, self.fingerprint_key, record_id, content, data, self.dedupe
+        )
+        return ("ok", prepared)
+
+
+LARGE: Result = ("large",)
+CHANGED_RESULT: Result = ("failed", CHANGED, "file changed while it was read")
+
+
+def read_small(source: BinaryIO, before: os.stat_result) -> bytes:
+    """A file of at most one chunk, checked not to have changed while read."""
+    data = store.read_head(source, before.st_size)
+    if len(data) != before.st_size or changed(before, os.fstat(source.fileno())):
+        raise FileChanged()
+    return data
+
+
+def changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
+
+
+def open_failure_code(message: str) -> str:
+    if message.startswith("file not found"):
+        return VANISHED
+    if message.startswith("not a regular file"):
+        return scan.NOT_REGULAR
+    if "symbolic links" in message:
+        return scan.SYMLINK_LOOP
+    return scan.UNREADABLE

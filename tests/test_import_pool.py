@@ -1,0 +1,128 @@
+"""The import's worker processes: answers in order, the same records as in
+this process, failures as results, and no worker outliving the importer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from patient_cli import store
+from patient_cli.crypto import Keyring
+from patient_cli.import_pool import SmallFilePreparer, Task, WorkerPool
+
+
+def echo(task: Task) -> tuple[str, int, int]:
+    return ("ok-test", task[0], os.getpid())
+
+
+def tasks(first: int, count: int) -> list[Task]:
+    return [(n, f"/nowhere/{n}", "ann", f"r{n}", f"{n}.txt") for n in range(first, first + count)]
+
+
+def test_batches_are_answered_in_the_order_sent_by_all_workers() -> None:
+    with WorkerPool(3, echo) as pool:
+        for batch in range(9):
+            pool.send(tasks(batch * 10, 10))
+        assert pool.in_flight == 9
+        answers = [pool.receive() for _ in range(9)]
+    ids = [answer[1] for batch in answers for answer in batch]
+    assert ids == list(range(90))
+    assert len({answer[2] for batch in answers for answer in batch}) == 3  # three processes
+    assert os.getpid() not in {answer[2] for batch in answers for answer in batch}
+
+
+def test_close_reaps_every_worker() -> None:
+    pool = WorkerPool(2, echo)
+    pids = [worker.pid for worker in pool._workers]
+    pool.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # already reaped
+
+
+def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
+    keyring = Keyring([Fernet.generate_key()])
+    preparer = SmallFilePreparer(keyring, b"k" * 32, "a note", dedupe=True)
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    (tmp_path / "big.bin").write_bytes(b"x" * (store.CHUNK_SIZE + 1))
+    os.mkfifo(tmp_path / "fifo")
+    batch: list[Task] = [
+        (1, str(tmp_path / "a.txt"), "ann", "a", "a.txt"),
+        (2, str(tmp_path / "big.bin"), "ann", "big", "big.bin"),
+        (3, str(tmp_path / "fifo"), "ann", "fifo", "fifo"),
+        (4, str(tmp_path / "gone.txt"), "ann", "gone", "gone.txt"),
+    ]
+    with WorkerPool(1, preparer) as pool:
+        pool.send(batch)
+        ok, large, fifo, gone = pool.receive()
+
+    assert ok[0] == "ok"
+    prepared = ok[1]
+    assert (prepared.params["id"], prepared.file_size) == (1, 5)
+    assert prepared.fingerprint == store.file_fingerprint(b"k" * 32, bytes.fromhex(prepared.sha256))
+    meta = store.open_meta(keyring, prepared.params["meta"], 1)
+    assert (meta.record_name, meta.record_data, meta.file_name) == ("a", "a note", "a.txt")
+    assert store.open_chunk(keyring, prepared.params["chunk"], 1, 0) == b"hello"
+    assert large == ("large",)
+    assert fifo[:2] == ("failed", "not_regular_file")
+    assert gone == ("failed", "vanished", f"file not found: {tmp_path / 'gone.txt'}")
+
+
+def test_workers_ignore_ctrl_c() -> None:
+    with WorkerPool(1, echo) as pool:
+        os.kill(pool._workers[0].pid, signal.SIGINT)
+        pool.send(tasks(0, 3))
+        assert [answer[1] for answer in pool.receive()] == [0, 1, 2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_workers_exit_when_the_importer_is_killed() -> None:
+    # A child process forks a pool, prints the workers' pids, and is killed
+    # with SIGKILL: its workers see their socket close and exit on their own.
+    script = (
+        "import os, sys, time\n"
+        "from patient_cli.import_pool import WorkerPool\n"
+        "pool = WorkerPool(2, lambda task: ('ok',))\n"
+        "print(' '.join(str(w.pid) for w in pool._workers), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    pids = [int(pid) for pid in child.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    child.kill()
+    child.wait(timeout=10)
+    child.stdout.close()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_no_workers_on_one_core() -> None:
+    # On one core a worker would only add copying: the import runs in-process.
+    script = (
+        "import os\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from patient_cli.import_pool import default_workers\n"
+        "print(default_workers())\n"
+    )
+    argv = [sys.executable, "-c", script]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"
