@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -198,7 +199,14 @@ def _render(summary: ImportSummary, out: Format) -> None:
 
 
 class _Progress:
-    """A Rich progress bar on stderr: files and bytes done, rate and ETA."""
+    """A Rich progress bar on stderr: files and bytes done, rate and ETA.
+
+    Redrawn from this thread as work is reported (at most 10 times a second),
+    not by Rich's refresh thread: the import forks worker processes, and a fork
+    must not happen while another thread may hold a lock (stderr's, say).
+    """
+
+    REDRAW_SECONDS = 0.1
 
     def __init__(self, files: int, size: int) -> None:
         from rich.console import Console
@@ -220,8 +228,10 @@ class _Progress:
             TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=True,
+            auto_refresh=False,
         )
         self.files = 0
+        self.drawn = 0.0
         self.task = self.progress.add_task("import", total=size, files=0, total_files=files)
         self.progress.start()
 
@@ -234,10 +244,18 @@ class _Progress:
 
     def advance(self, size: int) -> None:
         self.progress.advance(self.task, size)
+        self._redraw()
 
     def file_done(self) -> None:
         self.files += 1
         self.progress.update(self.task, files=self.files)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        now = time.monotonic()
+        if now - self.drawn >= self.REDRAW_SECONDS:
+            self.drawn = now
+            self.progress.refresh()
 
     def stop(self) -> None:
         self.progress.stop()
