@@ -58,6 +58,7 @@ from patient_cli.inputs import (
     check_record_name,
     open_regular_file,
 )
+from patient_cli.memory import keep_freed_memory
 from patient_cli.mime import detect_mime_type
 from patient_cli.session import Session
 
@@ -120,6 +121,8 @@ def import_folder(
         workers = request.workers if request.workers is not None else default_workers()
         if request.dry_run:
             workers = 0  # it reads only files that may be stored already
+        else:
+            keep_freed_memory()  # before the fork: the workers inherit it
         # Forked here, before any thread of this run starts.
         with WorkerPool(workers, job.preparer) if workers else contextlib.nullcontext() as pool:
             job.pool = pool
@@ -129,6 +132,9 @@ def import_folder(
 
 
 _Pending = tuple[FileOutcome, store.PreparedRecord]
+# A batch sent by the background thread: its records, what came of each, and
+# the record ids it reserved after them.
+_Flushed = tuple[list[_Pending], list[store.StoredRecord | None], list[int]]
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,14 @@ class _Check:
 # A file on its way to a worker: its scan item, user and record name, and its
 # task (None when it already failed, with the failure in its place).
 _Entry = tuple[scan.ScanItem, str | None, str, Task | None, Result | None]
+
+
+@dataclass
+class _SentBatch:
+    """A batch given to a worker: its files, and how many have their result."""
+
+    entries: list[_Entry]
+    answered: int = 0
 
 
 class _ImportJob:
@@ -182,7 +196,7 @@ class _ImportJob:
         self.pending_bytes = 0
         # The batch being sent by a background thread, and what came of it.
         self.flushing: threading.Thread | None = None
-        self.flushed: tuple[list[_Pending], list[store.StoredRecord | None]] | None = None
+        self.flushed: _Flushed | None = None
         self.flush_error: BaseException | None = None
         self.free_ids: list[int] = []
         # Small files waiting for one query to tell which are already stored.
@@ -198,7 +212,7 @@ class _ImportJob:
             keyring, self.fingerprint_key, request.record_data, self.dedupe
         )
         self.pool: WorkerPool | None = None
-        self.sent: deque[list[_Entry]] = deque()
+        self.sent: deque[_SentBatch] = deque()
         self.current: deque[tuple[_Entry, Result]] = deque()
 
     # -- the run ----------------------------------------------------------------
@@ -372,14 +386,31 @@ class _ImportJob:
             self._send_ahead(items)
             if not self.sent:
                 return None
-            batch = self.sent.popleft()
-            results = iter(self.pool.receive())
-            for entry in batch:
-                result = entry[4] if entry[3] is None else next(results)
-                assert result is not None
-                self.current.append((entry, result))
+            self._take_part(self.sent[0])
             self._send_ahead(items)
         return self.current.popleft()
+
+    def _take_part(self, batch: _SentBatch) -> None:
+        """Pair the next part of a batch's results with its files (and the
+        files that failed before, in their place) into `current`."""
+        assert self.pool is not None
+        part, complete = self.pool.receive()
+        results = iter(part)
+        left = len(part)
+        entries = batch.entries
+        while batch.answered < len(entries):
+            entry = entries[batch.answered]
+            if entry[3] is not None:
+                if not left:
+                    break
+                left -= 1
+            result = entry[4] if entry[3] is None else next(results)
+            assert result is not None
+            self.current.append((entry, result))
+            batch.answered += 1
+        if complete:
+            assert batch.answered == len(entries)
+            self.sent.popleft()
 
     def _send_ahead(self, items: Iterator[scan.ScanItem]) -> None:
         assert self.pool is not None
@@ -388,17 +419,20 @@ class _ImportJob:
             if not batch:
                 return
             self.pool.send([entry[3] for entry in batch if entry[3] is not None])
-            self.sent.append(batch)
+            self.sent.append(_SentBatch(batch))
 
     def _abandon_sent(self) -> list[scan.ScanItem]:
         """After a rollback: the files given to workers but not taken in yet, to
         be given again (with new record ids); their results are dropped."""
         left = [entry[0] for entry, _ in self.current]
         self.current.clear()
+        for batch in self.sent:
+            left.extend(entry[0] for entry in batch.entries[batch.answered :])
+        assert self.pool is not None or not self.sent
         while self.sent:
-            left.extend(entry[0] for entry in self.sent.popleft())
             assert self.pool is not None
-            self.pool.receive()
+            if self.pool.receive()[1]:
+                self.sent.popleft()
         return left
 
     def _entry(self, item: scan.ScanItem) -> _Entry:
@@ -611,14 +645,15 @@ class _ImportJob:
 
     def _next_id(self) -> int:
         if not self.free_ids:
-            self._finish_flush()
-            self._reserve_ids()
+            self._finish_flush()  # it may bring ids
+            if not self.free_ids:
+                self._reserve_ids()
         return self.free_ids.pop()
 
     def _reserve_ids(self) -> None:
         more = store.reserve_ids(self.conn, ID_BLOCK)
         more.reverse()
-        self.free_ids = more + self.free_ids  # popped from the end: lowest first
+        self.free_ids = more + self.free_ids
 
     def _flush(self, wait: bool = True) -> None:
         """Send the pending small records; with wait=False a thread sends them
@@ -630,15 +665,18 @@ class _ImportJob:
             return
         pending, self.pending = self.pending, []
         self.pending_bytes = 0
-        if not wait and len(self.free_ids) < BATCH_FILES:
-            self._reserve_ids()  # now, while the connection is free, not after
         if wait:
             self._apply(pending, self._insert_batch(pending))
             return
+        # Ids for the files after these, reserved by the thread too (a round trip
+        # of ~5 ms this thread would otherwise wait for), a block ahead of need.
+        reserve = len(self.free_ids) < 2 * ID_BLOCK
 
         def send() -> None:
             try:
-                self.flushed = (pending, self._insert_batch(pending))
+                results = self._insert_batch(pending)
+                ids = store.reserve_ids(self.conn, ID_BLOCK) if reserve else []
+                self.flushed = (pending, results, ids)
             except BaseException as exc:  # re-raised by _finish_flush
                 self.flush_error = exc
 
@@ -656,7 +694,10 @@ class _ImportJob:
             raise error
         done, self.flushed = self.flushed, None
         assert done is not None
-        self._apply(*done)
+        pending, results, ids = done
+        self._apply(pending, results)
+        ids.reverse()
+        self.free_ids = ids + self.free_ids  # popped from the end: lowest first
 
     def _stop_background_flush(self) -> None:
         """Never end the transaction while a batch is being sent; after an error

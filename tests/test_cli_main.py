@@ -89,3 +89,22 @@ def test_help_before_the_command_lists_every_command(capsys: pytest.CaptureFixtu
     assert code == 0
     for command in ("add", "list", "import", "export-file", "server"):
         assert f"  {command} " in out
+
+
+def test_console_script_exits_with_the_code_and_all_output(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `run` (the console script) ends the process with os._exit after main():
+    # the exit code and every line written must survive the shortcut.
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "patient_cli"]
+    done = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "patient-records 0.1.0\n", "")
+    done = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
+    _, in_process, _ = run_main(["--help"], capsys)
+    assert (done.returncode, done.stdout) == (0, in_process)
+    done = subprocess.run([*argv, "list", "--bogus"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == "Error: No such option: --bogus (see 'patient-records list --help')\n"

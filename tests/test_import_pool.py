@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,28 @@ from cryptography.fernet import Fernet
 
 from patient_cli import store
 from patient_cli.crypto import Keyring
-from patient_cli.import_pool import SmallFilePreparer, Task, WorkerPool
+from patient_cli.import_pool import (
+    MESSAGE_BYTES,
+    WHOLE_FILE_BYTES,
+    Result,
+    SmallFilePreparer,
+    Task,
+    WorkerPool,
+)
 
 
 def echo(task: Task) -> tuple[str, int, int]:
     return ("ok-test", task[0], os.getpid())
+
+
+def answers(pool: WorkerPool) -> list[Result]:
+    """Every result of the oldest batch, whatever the parts it comes in."""
+    results: list[Result] = []
+    complete = False
+    while not complete:
+        part, complete = pool.receive()
+        results += part
+    return results
 
 
 def tasks(first: int, count: int) -> list[Task]:
@@ -31,11 +50,32 @@ def test_batches_are_answered_in_the_order_sent_by_all_workers() -> None:
         for batch in range(9):
             pool.send(tasks(batch * 10, 10))
         assert pool.in_flight == 9
-        answers = [pool.receive() for _ in range(9)]
-    ids = [answer[1] for batch in answers for answer in batch]
+        got = [answers(pool) for _ in range(9)]
+    ids = [answer[1] for batch in got for answer in batch]
     assert ids == list(range(90))
-    assert len({answer[2] for batch in answers for answer in batch}) == 3  # three processes
-    assert os.getpid() not in {answer[2] for batch in answers for answer in batch}
+    assert len({answer[2] for batch in got for answer in batch}) == 3  # three processes
+    assert os.getpid() not in {answer[2] for batch in got for answer in batch}
+
+
+@dataclass(frozen=True)
+class Sized:
+    file_size: int
+
+
+def big_result(task: Task) -> tuple[str, Sized]:
+    return ("ok", Sized(MESSAGE_BYTES // 2 + task[0]))
+
+
+def test_a_batch_of_large_results_comes_in_parts() -> None:
+    with WorkerPool(1, big_result) as pool:
+        pool.send(tasks(0, 5))
+        parts = []
+        complete = False
+        while not complete:
+            part, complete = pool.receive()
+            parts.append([result[1].file_size - MESSAGE_BYTES // 2 for result in part])
+    # A message is sent once it holds MESSAGE_BYTES (two results), and the rest at the end.
+    assert parts == [[0, 1], [2, 3], [4]]
 
 
 def test_close_reaps_every_worker() -> None:
@@ -47,21 +87,38 @@ def test_close_reaps_every_worker() -> None:
             os.waitpid(pid, os.WNOHANG)  # already reaped
 
 
+def test_a_pool_closes_while_a_later_pool_is_open() -> None:
+    # The later pool's workers were forked while the first pool's sockets were
+    # open: they must not keep them, or the first pool's workers never exit.
+    first = WorkerPool(2, echo)
+    second = WorkerPool(2, echo)
+    try:
+        closing = threading.Thread(target=first.close, daemon=True)
+        closing.start()
+        closing.join(timeout=20)
+        assert not closing.is_alive(), "the first pool's workers did not exit"
+    finally:
+        second.close()
+
+
 def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     keyring = Keyring([Fernet.generate_key()])
     preparer = SmallFilePreparer(keyring, b"k" * 32, "a note", dedupe=True)
     (tmp_path / "a.txt").write_bytes(b"hello")
-    (tmp_path / "big.bin").write_bytes(b"x" * (store.CHUNK_SIZE + 1))
+    medium = os.urandom(store.CHUNK_SIZE * 2 + 5)
+    (tmp_path / "medium.bin").write_bytes(medium)
+    (tmp_path / "big.bin").write_bytes(b"x" * (WHOLE_FILE_BYTES + 1))
     os.mkfifo(tmp_path / "fifo")
     batch: list[Task] = [
         (1, str(tmp_path / "a.txt"), "ann", "a", "a.txt"),
         (2, str(tmp_path / "big.bin"), "ann", "big", "big.bin"),
         (3, str(tmp_path / "fifo"), "ann", "fifo", "fifo"),
         (4, str(tmp_path / "gone.txt"), "ann", "gone", "gone.txt"),
+        (5, str(tmp_path / "medium.bin"), "ann", "medium", "medium.bin"),
     ]
     with WorkerPool(1, preparer) as pool:
         pool.send(batch)
-        ok, large, fifo, gone = pool.receive()
+        ok, large, fifo, gone, whole = answers(pool)
 
     assert ok[0] == "ok"
     prepared = ok[1]
@@ -69,17 +126,23 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     assert prepared.fingerprint == store.file_fingerprint(b"k" * 32, bytes.fromhex(prepared.sha256))
     meta = store.open_meta(keyring, prepared.params["meta"], 1)
     assert (meta.record_name, meta.record_data, meta.file_name) == ("a", "a note", "a.txt")
-    assert store.open_chunk(keyring, prepared.params["chunk"], 1, 0) == b"hello"
+    assert store.open_chunk(keyring, prepared.chunks[0], 1, 0) == b"hello"
     assert large == ("large",)
     assert fifo[:2] == ("failed", "not_regular_file")
     assert gone == ("failed", "vanished", f"file not found: {tmp_path / 'gone.txt'}")
+    # A file of a few chunks is read whole and sealed chunk by chunk, as streamed.
+    assert whole[0] == "ok"
+    chunks = whole[1].chunks
+    assert (len(chunks), whole[1].params["chunk_count"]) == (3, 3)
+    opened = b"".join(store.open_chunk(keyring, token, 5, seq) for seq, token in enumerate(chunks))
+    assert opened == medium
 
 
 def test_workers_ignore_ctrl_c() -> None:
     with WorkerPool(1, echo) as pool:
         os.kill(pool._workers[0].pid, signal.SIGINT)
         pool.send(tasks(0, 3))
-        assert [answer[1] for answer in pool.receive()] == [0, 1, 2]
+        assert [answer[1] for answer in answers(pool)] == [0, 1, 2]
 
 
 def _alive(pid: int) -> bool:
