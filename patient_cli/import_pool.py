@@ -27,12 +27,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from patient_cli import scan, store
 from patient_cli.crypto import Keyring
 from patient_cli.errors import UsageError
-from patient_cli.inputs import open_regular_file
+from patient_cli.inputs import FileChanged, read_regular_file
 from patient_cli.mime import detect_mime_type
 
 # One task: (record id, path, username, record name, file name).
@@ -215,10 +215,6 @@ VANISHED = "vanished"
 CHANGED = "changed_while_reading"
 
 
-class FileChanged(Exception):
-    """The file changed while it was read."""
-
-
 @dataclass(frozen=True)
 class SmallFilePreparer:
     """Turns one task into a result: what a worker does per file (and what the
@@ -233,18 +229,13 @@ class SmallFilePreparer:
     def __call__(self, task: Task) -> Result:
         record_id, path, username, record_name, file_name = task
         try:
-            source, before = open_regular_file(path)
-        except UsageError as exc:
-            return ("failed", open_failure_code(exc.message), exc.message)
-        try:
-            with source:
-                if before.st_size > self.max_size:
-                    return LARGE
-                data = read_small(source, before, self.max_size)
+            data, _ = read_regular_file(path, self.max_size)
         except FileChanged:
             return CHANGED_RESULT
         except UsageError as exc:
-            return ("failed", scan.UNREADABLE, exc.message)
+            return ("failed", failure_code(exc.message), exc.message)
+        if data is None:
+            return LARGE
         mime = detect_mime_type(file_name, data)
         content = store.RecordContent(username, record_name, self.record_data, file_name, mime)
         prepared = store.prepare_small(
@@ -257,19 +248,12 @@ LARGE: Result = ("large",)
 CHANGED_RESULT: Result = ("failed", CHANGED, "file changed while it was read")
 
 
-def read_small(source: BinaryIO, before: os.stat_result, limit: int = store.CHUNK_SIZE) -> bytes:
-    """A file of at most `limit` bytes, checked not to have changed while read."""
-    data = store.read_head(source, before.st_size, limit)
-    if len(data) != before.st_size or changed(before, os.fstat(source.fileno())):
-        raise FileChanged()
-    return data
-
-
 def changed(before: os.stat_result, after: os.stat_result) -> bool:
     return before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
 
 
-def open_failure_code(message: str) -> str:
+def failure_code(message: str) -> str:
+    """The failure code of a file's UsageError from opening or reading it."""
     if message.startswith("file not found"):
         return VANISHED
     if message.startswith("not a regular file"):

@@ -34,15 +34,13 @@ from patient_cli.db import translate_db_errors
 from patient_cli.errors import UsageError
 from patient_cli.import_pool import (
     CHANGED,
-    FileChanged,
     Result,
     SmallFilePreparer,
     Task,
     WorkerPool,
     changed,
     default_workers,
-    open_failure_code,
-    read_small,
+    failure_code,
 )
 from patient_cli.import_request import (
     Failure,
@@ -55,8 +53,10 @@ from patient_cli.import_request import (
     count_planned,
 )
 from patient_cli.inputs import (
+    FileChanged,
     check_record_name,
     open_regular_file,
+    read_regular_file,
 )
 from patient_cli.memory import keep_freed_memory
 from patient_cli.mime import detect_mime_type
@@ -357,24 +357,28 @@ class _ImportJob:
         except UsageError as exc:
             self._fail(item, username, scan.BAD_NAME, exc.message)
             return
-        self._open(item, username, record_name, small=True)
+        try:
+            data, _ = read_regular_file(item.path, store.CHUNK_SIZE)
+        except FileChanged:
+            self._fail(item, username, CHANGED, "file changed while it was read")
+            return
+        except UsageError as exc:
+            self._fail(item, username, failure_code(exc.message), exc.message)
+            return
+        if data is None:
+            self._open_large(item, username, record_name)
+        else:
+            self._small(item, username, record_name, data)
 
-    def _open(self, item: scan.ScanItem, username: str, record_name: str, small: bool) -> None:
+    def _open_large(self, item: scan.ScanItem, username: str, record_name: str) -> None:
         try:
             source, before = open_regular_file(item.path)
-        except UsageError as exc:
-            self._fail(item, username, open_failure_code(exc.message), exc.message)
-            return
-        try:
             with source:
-                if small and before.st_size <= store.CHUNK_SIZE:
-                    self._small(item, username, record_name, source, before)
-                else:
-                    self._large(item, username, record_name, source, before)
+                self._large(item, username, record_name, source, before)
         except FileChanged:
             self._fail(item, username, CHANGED, "file changed while it was read")
         except UsageError as exc:
-            self._fail(item, username, scan.UNREADABLE, exc.message)
+            self._fail(item, username, failure_code(exc.message), exc.message)
 
     # -- with worker processes --------------------------------------------------
 
@@ -463,7 +467,7 @@ class _ImportJob:
             return
         assert username is not None
         if kind == "large":  # the main process streams it
-            self._open(item, username, record_name, small=False)
+            self._open_large(item, username, record_name)
             return
         prepared: store.PreparedRecord = result[1]
         size = prepared.file_size or 0
@@ -496,15 +500,7 @@ class _ImportJob:
         mime = detect_mime_type(item.name, head)
         return store.RecordContent(username, record_name, self.request.record_data, item.name, mime)
 
-    def _small(
-        self,
-        item: scan.ScanItem,
-        username: str,
-        record_name: str,
-        source: BinaryIO,
-        before: os.stat_result,
-    ) -> None:
-        data = read_small(source, before)
+    def _small(self, item: scan.ScanItem, username: str, record_name: str, data: bytes) -> None:
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         fingerprint = None

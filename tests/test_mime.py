@@ -126,3 +126,19 @@ def test_cached_name_guess_matches_a_direct_guess(name: str) -> None:
     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     direct = _BY_SUFFIX.get(suffix) or mimetypes.guess_type(name, strict=False)[0]
     assert _by_name(_extensions(name)) == direct
+
+
+def test_extensions_split_as_splitext_twice() -> None:
+    # _extensions is a faster spelling of two os.path.splitext calls.
+    import itertools
+    import os
+
+    from patient_cli.mime import _extensions
+
+    def by_splitext(name: str) -> str:
+        root, last = os.path.splitext(name)
+        return os.path.splitext(root)[1] + last
+
+    names = ["x.tar.gz", "file-00001.bin", ".bashrc", "a.b.", "noext"]
+    names += ["".join(p) for p in itertools.product(["", "a", ".", ".."], repeat=4)]
+    assert [_extensions(n) for n in names] == [by_splitext(n) for n in names]
