@@ -6,7 +6,6 @@ by the commands that use them, so `--help` and `--version` stay fast.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import signal
@@ -112,9 +111,15 @@ def run() -> None:
     elif not isinstance(code, int):
         sys.stderr.write(f"{code}\n")
         code = 1
-    with contextlib.suppress(BrokenPipeError):  # the reader went away (`| head`)
-        sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with it closed (`>&-`)
+            continue
+        try:
+            stream.flush()
+        except BrokenPipeError:  # the reader went away (`| head`): not an error
+            pass
+        except OSError:  # output lost (a full disk): fail as Python's own exit does
+            code = code or 120
     os._exit(code)
 
 

@@ -20,18 +20,19 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import signal
 import socket
 import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from patient_cli import scan, store
 from patient_cli.crypto import Keyring
-from patient_cli.errors import UsageError
+from patient_cli.errors import PatientRecordsError, UsageError
 from patient_cli.inputs import FileChanged, read_regular_file
 from patient_cli.mime import detect_mime_type
 
@@ -43,8 +44,8 @@ Task = tuple[int, str, str, str, str]
 Result = tuple[Any, ...]
 Prepare = Callable[[Task], Result]
 
-# A worker answers in messages of at most about this many bytes of tokens (or
-# one file's), so a batch of large-ish files never sits whole in memory.
+# A worker answers in messages of about this many bytes of tokens (at most this
+# plus one file's), so a batch of large-ish files never sits whole in memory.
 MESSAGE_BYTES = 4 << 20
 # Files up to this size are read whole and encrypted by a worker, chunk by
 # chunk, and go to the server with the small ones by COPY; larger ones are
@@ -116,7 +117,10 @@ class WorkerPool:
         """Give a batch to the next worker in turn."""
         worker = self._workers[self._next]
         self._next = (self._next + 1) % len(self._workers)
-        _write(worker.sock, list(tasks))
+        try:
+            _write(worker.sock, list(tasks))
+        except OSError as exc:  # not stdout's broken pipe: never let it pass for one
+            raise WorkerFailed(f"an import worker stopped ({type(exc).__name__})") from None
         worker.waiting.append(len(tasks))
         self._order.append(worker)
 
@@ -124,9 +128,14 @@ class WorkerPool:
         """The next results of the oldest batch not yet complete, in task order,
         and whether they complete it."""
         worker = self._order[0]
-        part = _read(worker.reader)
+        try:
+            part = _read(worker.reader)
+        except OSError as exc:
+            raise WorkerFailed(f"an import worker stopped ({type(exc).__name__})") from None
         if part is None:
-            raise RuntimeError("an import worker stopped unexpectedly")
+            raise WorkerFailed("an import worker stopped unexpectedly")
+        if isinstance(part, _Failed):
+            raise WorkerFailed(f"an import worker failed ({part.error})")
         worker.waiting[0] -= len(part)
         if worker.waiting[0] > 0:
             return part, False
@@ -171,22 +180,52 @@ class WorkerPool:
             return worker
 
 
+class WorkerFailed(PatientRecordsError):
+    """A worker process died or failed: the import stops (exit 1); what was
+    committed before stays, and a rerun finishes the job."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A worker's last message when `prepare` raised: the exception's type only
+    (its message might quote a file's content or a path)."""
+
+    error: str
+
+
 def _serve(sock: socket.socket, prepare: Prepare) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    reader = sock.makefile("rb")
-    while (tasks := _read(reader)) is not None:
+    # Tasks are read by a thread of their own, so the main process never waits
+    # to send a batch while this worker waits to send it results (each side
+    # would wait for the other once both socket buffers were full).
+    tasks_in: queue.SimpleQueue[list[Task] | None] = queue.SimpleQueue()
+    threading.Thread(target=_take_tasks, args=(sock, tasks_in), daemon=True).start()
+    while (tasks := tasks_in.get()) is not None:
         if not tasks:
             _write(sock, [])
         part: list[Result] = []
         part_bytes = 0
         for number, task in enumerate(tasks, 1):
-            result = prepare(task)
+            try:
+                result = prepare(task)
+            except Exception as exc:
+                _write(sock, _Failed(type(exc).__name__))
+                raise
             part.append(result)
             if result[0] == "ok":
                 part_bytes += result[1].file_size or 0
             if number == len(tasks) or part_bytes >= MESSAGE_BYTES:
                 _write(sock, part)
                 part, part_bytes = [], 0
+
+
+def _take_tasks(sock: socket.socket, tasks_in: queue.SimpleQueue[list[Task] | None]) -> None:
+    reader = sock.makefile("rb")
+    try:
+        while (tasks := _read(reader)) is not None:
+            tasks_in.put(tasks)
+    finally:
+        tasks_in.put(None)
 
 
 def _write(sock: socket.socket, value: object) -> None:
@@ -220,9 +259,9 @@ class SmallFilePreparer:
     """Turns one task into a result: what a worker does per file (and what the
     main process does itself when there are no workers)."""
 
-    keyring: Keyring
-    fingerprint_key: bytes
-    record_data: str | None
+    keyring: Keyring = field(repr=False)
+    fingerprint_key: bytes = field(repr=False)
+    record_data: str | None = field(repr=False)
     dedupe: bool
     max_size: int = WHOLE_FILE_BYTES
 

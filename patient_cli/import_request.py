@@ -31,8 +31,8 @@ class ImportRequest:
     record_data: str | None = None
     allow_duplicates: bool = False
     dry_run: bool = False
-    # Processes that read and encrypt small files; None: one per core, up to
-    # MAX_WORKERS (0 does it all in this process).
+    # Processes that read and encrypt small files; None: one per core, at most
+    # 3 (import_pool.default_workers); 0 does it all in this process.
     workers: int | None = None
 
     @property

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -86,7 +87,10 @@ ID_BLOCK = 500
 CHECK_FILES = 500
 CHECK_BYTES = 8 << 20
 # A deadlock with another import over overlapping folders: redo that second of work.
-UNIT_ATTEMPTS = 3
+# Both runs may keep meeting the same rows: wait a random moment (up to
+# RETRY_PAUSE seconds times the attempt number) so that they fall out of step.
+UNIT_ATTEMPTS = 5
+RETRY_PAUSE = 0.2
 # Files go to the worker processes (import_pool) in batches of this many, with
 # this many batches per worker sent ahead of the one being taken in.
 POOL_BATCH = 32
@@ -213,6 +217,7 @@ class _ImportJob:
         )
         self.pool: WorkerPool | None = None
         self.sent: deque[_SentBatch] = deque()
+        self.gathered: list[scan.ScanItem] = []  # taken from the scan, not yet sent
         self.current: deque[tuple[_Entry, Result]] = deque()
 
     # -- the run ----------------------------------------------------------------
@@ -256,6 +261,7 @@ class _ImportJob:
                     raise
                 self._reset_unit()
                 items = itertools.chain(taken, self._abandon_sent(), items)
+                time.sleep(random.uniform(0, RETRY_PAUSE * (attempt + 1)))  # noqa: S311
                 continue
             self._settle()
             return more, items
@@ -419,19 +425,26 @@ class _ImportJob:
     def _send_ahead(self, items: Iterator[scan.ScanItem]) -> None:
         assert self.pool is not None
         while len(self.sent) < self.pool.size * POOL_AHEAD:
-            batch = [self._entry(item) for item in itertools.islice(items, POOL_BATCH)]
-            if not batch:
+            # Held where a rollback finds them: making an entry may wait for the
+            # background COPY, and a deadlock it met is raised there.
+            self.gathered = list(itertools.islice(items, POOL_BATCH))
+            if not self.gathered:
                 return
+            batch = [self._entry(item) for item in self.gathered]
             self.pool.send([entry[3] for entry in batch if entry[3] is not None])
             self.sent.append(_SentBatch(batch))
+            self.gathered = []
 
     def _abandon_sent(self) -> list[scan.ScanItem]:
-        """After a rollback: the files given to workers but not taken in yet, to
-        be given again (with new record ids); their results are dropped."""
+        """After a rollback: the files given to workers (or about to be) but not
+        taken in yet, to be given again (with new record ids); their results
+        are dropped."""
         left = [entry[0] for entry, _ in self.current]
         self.current.clear()
         for batch in self.sent:
             left.extend(entry[0] for entry in batch.entries[batch.answered :])
+        left += self.gathered
+        self.gathered = []
         assert self.pool is not None or not self.sent
         while self.sent:
             assert self.pool is not None

@@ -653,6 +653,75 @@ def test_a_deadlock_between_two_imports_is_retried(ready: Cli, tmp_path: Path, d
     assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 2
 
 
+def test_a_deadlock_met_while_giving_files_to_workers_loses_none(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The background COPY thread reserves the next record ids; a deadlock there
+    # surfaces while the next batch for the workers is being made, after its
+    # files were taken from the scan. They must be redone with the unit.
+    from patient_cli import importer, store
+    from patient_cli.config import load_settings
+    from patient_cli.importer import ImportRequest, import_folder
+    from patient_cli.session import Session
+
+    count = importer.ID_BLOCK * 3
+    root = make_tree(tmp_path / "in", {f"f{n:05d}.txt": b"letter %d" % n for n in range(count)})
+    reserve = store.reserve_ids
+    calls = 0
+
+    def reserve_or_deadlock(conn: Any, wanted: int) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise psycopg.errors.DeadlockDetected("deadlock detected (injected)")
+        return reserve(conn, wanted)
+
+    monkeypatch.setattr(store, "reserve_ids", reserve_or_deadlock)
+    outcomes: list[str] = []
+    with Session(load_settings()) as session:
+        summary = import_folder(
+            session,
+            ImportRequest(root, username="ann", workers=2),
+            on_outcome=lambda outcome: outcomes.append(Path(outcome.path).name),
+        )
+
+    assert calls > 3  # the deadlock happened, and the run went on
+    assert (summary.imported, summary.skipped, summary.failed) == (count, 0, 0)
+    assert outcomes == sorted(f"f{n:05d}.txt" for n in range(count))
+    assert count_rows(db_url, "SELECT count(DISTINCT id) FROM patient_records") == count
+
+
+def test_a_failing_worker_stops_the_import_with_one_line(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug or crash in a worker is an internal error (exit 1), never a silent
+    # success; what was committed stays, and a rerun finishes the job.
+    from patient_cli.import_pool import SmallFilePreparer, Task
+
+    files = {f"f{n:04d}.txt": b"note %d" % n for n in range(400)}
+    root = make_tree(tmp_path / "in", files)
+    prepare = SmallFilePreparer.__call__
+
+    def fail_on_one(self: SmallFilePreparer, task: Task) -> Any:
+        if task[1].endswith("f0300.txt"):
+            raise ValueError("a bug (with content that must not be shown)")
+        return prepare(self, task)
+
+    monkeypatch.setattr(SmallFilePreparer, "__call__", fail_on_one)  # the forks inherit it
+    failed = ready("import", str(root), "-u", "ann", "--workers", "2")
+
+    assert failed.exit_code == 1
+    assert json.loads(failed.stderr) == {  # one line: JSON, as stderr is not a terminal
+        "error": "an import worker failed (ValueError)",
+        "code": 1,
+        "type": "internal_error",
+    }
+    monkeypatch.setattr(SmallFilePreparer, "__call__", prepare)
+    code, summary, _ = run_import(ready, str(root), "-u", "ann")
+    assert code == 0 and summary["imported"] + summary["skipped"] == len(files)
+    assert count_rows(db_url, "SELECT count(*) FROM patient_records") == len(files)
+
+
 # -- the scanner on its own -------------------------------------------------------------
 
 

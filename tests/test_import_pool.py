@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from patient_cli.import_pool import (
     Result,
     SmallFilePreparer,
     Task,
+    WorkerFailed,
     WorkerPool,
 )
 
@@ -85,6 +87,59 @@ def test_close_reaps_every_worker() -> None:
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # already reaped
+
+
+def padded(task: Task) -> tuple[str, int, bytes]:
+    return ("ok-test", task[0], b"r" * 20_000)
+
+
+def test_sending_while_a_worker_waits_to_answer_does_not_deadlock() -> None:
+    # Batches bigger than the socket buffers both ways: the main process is
+    # still sending the second batch while the worker is sending the first's
+    # results. The worker reads its tasks in a thread of its own, so neither
+    # side waits for the other for ever.
+    pool = WorkerPool(1, padded)
+    mine = pool._workers[0].sock
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    long_tasks = [(n, "/" + "d" * 4000 + f"/{n}", "ann", "r", "n.txt") for n in range(64)]
+    done: list[int] = []
+
+    def exchange() -> None:
+        for first in range(0, 256, 64):
+            pool.send([(first + t[0], *t[1:]) for t in long_tasks])
+        for _ in range(4):
+            done.extend(answer[1] for answer in answers(pool))
+
+    talking = threading.Thread(target=exchange, daemon=True)
+    talking.start()
+    talking.join(timeout=60)
+    hung = talking.is_alive()
+    if hung:  # unblock both sides before closing, so the test fails instead of hanging
+        os.kill(pool._workers[0].pid, signal.SIGKILL)
+        talking.join(timeout=10)
+    pool.close()
+    assert not hung, "the main process and the worker waited for each other"
+    assert done == list(range(256))
+
+
+def test_a_failing_prepare_is_reported_not_hung() -> None:
+    def fail(task: Task) -> Result:
+        raise KeyError("a message that may hold patient content")
+
+    with WorkerPool(1, fail) as pool:
+        pool.send(tasks(0, 2))
+        with pytest.raises(WorkerFailed, match=r"^an import worker failed \(KeyError\)$"):
+            pool.receive()
+
+
+def test_a_worker_killed_mid_import_is_an_error() -> None:
+    with WorkerPool(1, echo) as pool:
+        os.kill(pool._workers[0].pid, signal.SIGKILL)
+        os.waitpid(pool._workers[0].pid, 0)
+        with pytest.raises(WorkerFailed, match=r"^an import worker stopped"):
+            pool.send(tasks(0, 2))
+            pool.receive()
 
 
 def test_a_pool_closes_while_a_later_pool_is_open() -> None:
