@@ -18,6 +18,7 @@ the only open end of their socket.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import queue
@@ -38,9 +39,10 @@ from patient_cli.mime import detect_mime_type
 
 # One task: (record id, path, username, record name, file name).
 Task = tuple[int, str, str, str, str]
-# One result, in task order: ("ok", PreparedRecord), ("large",) for a file that
-# needs more than one chunk (the main process streams it), ("failed", code,
-# message) or ("changed",) for a file that changed while it was read.
+# One result, in task order: ("ok", PreparedRecord); ("check", size,
+# fingerprint) for a file whose content may be stored already (see
+# SmallFilePreparer.stored_sizes); ("large",) for a file larger than
+# WHOLE_FILE_BYTES (the main process streams it); or ("failed", code, message).
 Result = tuple[Any, ...]
 Prepare = Callable[[Task], Result]
 
@@ -264,6 +266,10 @@ class SmallFilePreparer:
     record_data: str | None = field(repr=False)
     dedupe: bool
     max_size: int = WHOLE_FILE_BYTES
+    # Sizes of the files already stored for the import's one user (when it has
+    # one): a file of such a size may be stored already, so it is only hashed
+    # here, and the main process asks the database (a rerun encrypts nothing).
+    stored_sizes: frozenset[int] = field(default=frozenset(), repr=False)
 
     def __call__(self, task: Task) -> Result:
         record_id, path, username, record_name, file_name = task
@@ -275,6 +281,9 @@ class SmallFilePreparer:
             return ("failed", failure_code(exc.message), exc.message)
         if data is None:
             return LARGE
+        if len(data) in self.stored_sizes:
+            digest = hashlib.sha256(data).digest()
+            return ("check", len(data), store.file_fingerprint(self.fingerprint_key, digest))
         mime = detect_mime_type(file_name, data)
         content = store.RecordContent(username, record_name, self.record_data, file_name, mime)
         prepared = store.prepare_small(

@@ -13,6 +13,7 @@ file is reported and the import goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -35,6 +36,7 @@ from patient_cli.db import translate_db_errors
 from patient_cli.errors import UsageError
 from patient_cli.import_pool import (
     CHANGED,
+    WHOLE_FILE_BYTES,
     Result,
     SmallFilePreparer,
     Task,
@@ -119,14 +121,17 @@ def import_folder(
     run_event = AuditEvent("import")
     with translate_db_errors(), audited(session, run_event):
         session.load_secrets()
-        if session.conn.info.transaction_status != TransactionStatus.IDLE:
-            session.conn.commit()
         job = _ImportJob(session, request, keyring, run_event, on_outcome, on_bytes)
         workers = request.workers if request.workers is not None else default_workers()
         if request.dry_run:
             workers = 0  # it reads only files that may be stored already
         else:
             keep_freed_memory()  # before the fork: the workers inherit it
+        if workers and job.dedupe and request.username is not None:
+            job.give_workers_stored_sizes(request.username)
+        # Each unit of work must be a transaction of its own, not a savepoint.
+        if session.conn.info.transaction_status != TransactionStatus.IDLE:
+            session.conn.commit()
         # Forked here, before any thread of this run starts.
         with WorkerPool(workers, job.preparer) if workers else contextlib.nullcontext() as pool:
             job.pool = pool
@@ -220,6 +225,12 @@ class _ImportJob:
         self.gathered: list[scan.ScanItem] = []  # taken from the scan, not yet sent
         self.current: deque[tuple[_Entry, Result]] = deque()
 
+    def give_workers_stored_sizes(self, username: str) -> None:
+        """Let the workers hash, not encrypt, files of a size stored for the
+        run's one user (before they are forked: they inherit it)."""
+        self._size_stored(username, -1)  # loads self.sizes
+        self.preparer = dataclasses.replace(self.preparer, stored_sizes=frozenset(self.sizes))
+
     # -- the run ----------------------------------------------------------------
 
     def run(self, items: Iterator[scan.ScanItem]) -> None:
@@ -243,6 +254,8 @@ class _ImportJob:
         Returns whether files remain, and the iterator to continue from.
         """
         for attempt in range(UNIT_ATTEMPTS):
+            # A unit must commit, not become a savepoint of an open transaction.
+            assert self.conn.info.transaction_status == TransactionStatus.IDLE
             taken: list[scan.ScanItem] = []
             try:
                 with self.conn.transaction():
@@ -363,8 +376,20 @@ class _ImportJob:
         except UsageError as exc:
             self._fail(item, username, scan.BAD_NAME, exc.message)
             return
+        self._read_whole(item, username, record_name, store.CHUNK_SIZE, self._small)
+
+    def _read_whole(
+        self,
+        item: scan.ScanItem,
+        username: str,
+        record_name: str,
+        limit: int,
+        take: Callable[[scan.ScanItem, str, str, bytes], None],
+    ) -> None:
+        """Read a file of up to `limit` bytes whole and `take` it; stream a
+        larger one; report one that cannot be read."""
         try:
-            data, _ = read_regular_file(item.path, store.CHUNK_SIZE)
+            data, _ = read_regular_file(item.path, limit)
         except FileChanged:
             self._fail(item, username, CHANGED, "file changed while it was read")
             return
@@ -374,7 +399,7 @@ class _ImportJob:
         if data is None:
             self._open_large(item, username, record_name)
         else:
-            self._small(item, username, record_name, data)
+            take(item, username, record_name, data)
 
     def _open_large(self, item: scan.ScanItem, username: str, record_name: str) -> None:
         try:
@@ -482,6 +507,11 @@ class _ImportJob:
         if kind == "large":  # the main process streams it
             self._open_large(item, username, record_name)
             return
+        if kind == "check":  # perhaps stored: ask the database with others
+            if self.on_bytes is not None:
+                self.on_bytes(result[1])
+            self._queue_check(_Check(item, username, record_name, result[1], None, None, result[2]))
+            return
         prepared: store.PreparedRecord = result[1]
         size = prepared.file_size or 0
         if self.on_bytes is not None:
@@ -492,8 +522,11 @@ class _ImportJob:
         if fingerprint is None and not self.checks:
             self._take_prepared(item, username, prepared)
             return
-        self.checks.append(_Check(item, username, record_name, size, None, prepared, fingerprint))
-        self.checks_bytes += size
+        self._queue_check(_Check(item, username, record_name, size, None, prepared, fingerprint))
+
+    def _queue_check(self, check: _Check) -> None:
+        self.checks.append(check)
+        self.checks_bytes += check.size
         if len(self.checks) >= CHECK_FILES or self.checks_bytes >= CHECK_BYTES:
             self._run_checks()
 
@@ -637,9 +670,11 @@ class _ImportJob:
                 self._add(outcome)
             elif check.prepared is not None:
                 self._take_prepared(check.item, check.username, check.prepared)
-            else:
-                assert check.data is not None
+            elif check.data is not None:
                 self._take_small(check.item, check.username, check.record_name, check.data)
+            else:  # a worker only hashed it: read it again here
+                item, user, name = check.item, check.username, check.record_name
+                self._read_whole(item, user, name, WHOLE_FILE_BYTES, self._take_small)
 
     def _already_stored(self, username: str, size: int, digest: Callable[[], bytes]) -> bool:
         """Whether this (large) file's content is already stored for `username`."""

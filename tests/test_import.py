@@ -276,6 +276,32 @@ def test_rerun_skips_stored_content_and_duplicates_within_a_run(
     assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 6
 
 
+def test_a_rerun_hashes_files_of_stored_sizes_and_reads_changed_ones_again(
+    ready: Cli, tmp_path: Path, db_url: str, workers: str
+) -> None:
+    # On a rerun the workers only hash files of a size already stored; one that
+    # turns out new (same size, other content) is read again and stored.
+    root = make_tree(tmp_path / "in", {"a.txt": b"aaaa", "m.bin": os.urandom(3 << 20)})
+    code, first, _ = run_import(ready, str(root), "-u", "ann", "--workers", workers)
+    assert (code, first["imported"]) == (0, 2)
+    make_tree(root, {"b.txt": b"bbbb", "c.txt": b"a new size", "n.bin": os.urandom(3 << 20)})
+
+    result = ready("import", str(root), "-u", "ann", "--workers", workers, "--format", "ndjson")
+
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(line["path"]).name, line["status"]) for line in lines[:-1]] == [
+        ("a.txt", "skipped"),
+        ("b.txt", "imported"),
+        ("c.txt", "imported"),
+        ("m.bin", "skipped"),
+        ("n.bin", "imported"),
+    ]
+    stored = {r["file_name"]: r["id"] for r in records(ready, "ann")}
+    assert exported(ready, stored["b.txt"], tmp_path) == b"bbbb"
+    assert exported(ready, stored["n.bin"], tmp_path) == (root / "n.bin").read_bytes()
+    assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 5
+
+
 def test_allow_duplicates_stores_again(ready: Cli, tmp_path: Path) -> None:
     root = make_tree(tmp_path / "in", {"a.txt": b"same", "b.txt": b"same"})
     run_import(ready, str(root), "-u", "ann")
