@@ -1,8 +1,8 @@
 """Reading and encrypting small files in worker processes, for `import`.
 
-Many small files cost about 200 µs of Python each (open, read, hash, sniff,
-two tokens), which one core cannot beat; cryptography and hashlib release the
-GIL but the rest does not. So `import` forks a few workers that read and
+Each small file costs about 80-100 µs of Python (open, read, hash, sniff, two
+tokens) besides the main process's own bookkeeping, and one core cannot go
+faster; cryptography and hashlib release the GIL but the rest does not. So `import` forks a few workers that read and
 encrypt small files, while the main process walks the folder, decides what to
 skip and sends the rows to PostgreSQL on its one connection, in one stream of
 transactions and audit events as before. A worker only turns a file into a
