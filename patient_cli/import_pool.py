@@ -2,10 +2,11 @@
 
 Each small file costs about 80-100 µs of Python (open, read, hash, sniff, two
 tokens) besides the main process's own bookkeeping, and one core cannot go
-faster; cryptography and hashlib release the GIL but the rest does not. So `import` forks a few workers that read and
-encrypt small files, while the main process walks the folder, decides what to
-skip and sends the rows to PostgreSQL on its one connection, in one stream of
-transactions and audit events as before. A worker only turns a file into a
+faster; cryptography and hashlib release the GIL but the rest does not. So
+`import` forks a few workers that read and encrypt small files, while the
+main process walks the folder, decides what to skip and sends the rows to
+PostgreSQL on its one connection, in one stream of transactions and audit
+events as before. A worker only turns a file into a
 `PreparedRecord` (with `store.prepare_small`, the same function `add` uses);
 it never touches the database.
 
