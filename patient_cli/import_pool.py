@@ -297,10 +297,6 @@ LARGE: Result = ("large",)
 CHANGED_RESULT: Result = ("failed", CHANGED, "file changed while it was read")
 
 
-def changed(before: os.stat_result, after: os.stat_result) -> bool:
-    return before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
-
-
 def failure_code(message: str) -> str:
     """The failure code of a file's UsageError from opening or reading it."""
     if message.startswith("file not found"):

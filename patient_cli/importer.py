@@ -41,7 +41,6 @@ from patient_cli.import_pool import (
     SmallFilePreparer,
     Task,
     WorkerPool,
-    changed,
     default_workers,
     failure_code,
 )
@@ -57,6 +56,7 @@ from patient_cli.import_request import (
 )
 from patient_cli.inputs import (
     FileChanged,
+    changed_since,
     check_record_name,
     open_regular_file,
     read_regular_file,
@@ -366,17 +366,22 @@ class _ImportJob:
     # -- one file ---------------------------------------------------------------
 
     def _process(self, item: scan.ScanItem) -> None:
-        username = self.request.username or item.username
-        if item.problem is not None:
-            self._fail(item, username, item.problem.code, item.problem.error)
+        username, record_name, failure = self._named(item)
+        if failure is not None:
+            self._fail(item, username, failure[1], failure[2])
             return
         assert username is not None
-        try:
-            record_name = check_record_name(self._record_name(item))
-        except UsageError as exc:
-            self._fail(item, username, scan.BAD_NAME, exc.message)
-            return
         self._read_whole(item, username, record_name, store.CHUNK_SIZE, self._small)
+
+    def _named(self, item: scan.ScanItem) -> tuple[str | None, str, Result | None]:
+        """The file's user and record name, or why it cannot be imported."""
+        username = self.request.username or item.username
+        if item.problem is not None:
+            return username, "", ("failed", item.problem.code, item.problem.error)
+        try:
+            return username, check_record_name(self._record_name(item)), None
+        except UsageError as exc:
+            return username, "", ("failed", scan.BAD_NAME, exc.message)
 
     def _read_whole(
         self,
@@ -480,20 +485,11 @@ class _ImportJob:
     def _entry(self, item: scan.ScanItem) -> _Entry:
         """A file for the workers (one the scan found bad carries its failure
         instead, so that outcomes stay in scan order)."""
-        username = self.request.username or item.username
-        failure: Result | None = None
+        username, record_name, failure = self._named(item)
         task: Task | None = None
-        record_name = ""
-        if item.problem is not None:
-            failure = ("failed", item.problem.code, item.problem.error)
-        else:
+        if failure is None:
             assert username is not None
-            try:
-                record_name = check_record_name(self._record_name(item))
-            except UsageError as exc:
-                failure = ("failed", scan.BAD_NAME, exc.message)
-            else:
-                task = (self._next_id(), item.path, username, record_name, item.name)
+            task = (self._next_id(), item.path, username, record_name, item.name)
         return (item, username, record_name, task, failure)
 
     def _take_result(
@@ -559,10 +555,7 @@ class _ImportJob:
             return
         # Possibly stored already: ask the database about many such files at once.
         # Later files queue behind it, so records still go in in scan order.
-        self.checks.append(_Check(item, username, record_name, len(data), data, None, fingerprint))
-        self.checks_bytes += len(data)
-        if len(self.checks) >= CHECK_FILES or self.checks_bytes >= CHECK_BYTES:
-            self._run_checks()
+        self._queue_check(_Check(item, username, record_name, len(data), data, None, fingerprint))
 
     def _take_small(
         self, item: scan.ScanItem, username: str, record_name: str, data: bytes
@@ -626,7 +619,7 @@ class _ImportJob:
                     on_bytes=self.on_bytes,
                 )
                 if stored is not None and (
-                    stored.file_size != size or changed(before, os.fstat(source.fileno()))
+                    stored.file_size != size or changed_since(before, os.fstat(source.fileno()))
                 ):
                     raise FileChanged()
         except _FILE_DB_ERRORS as exc:

@@ -109,9 +109,14 @@ def read_regular_file(path: str, limit: int) -> tuple[bytes | None, os.stat_resu
         after = os.fstat(fd)
     finally:
         os.close(fd)
-    if len(data) != size or after.st_size != size or after.st_mtime_ns != before.st_mtime_ns:
+    if len(data) != size or changed_since(before, after):
         raise FileChanged()
     return data, before
+
+
+def changed_since(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether two fstats of one file tell that it was written in between."""
+    return before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
 
 
 def _open_regular(path: str | Path) -> tuple[int, os.stat_result]:
