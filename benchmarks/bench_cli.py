@@ -281,7 +281,7 @@ class Seeder:
         self.fingerprint_key = self.session.secret(FINGERPRINT_KEY)
 
     def small(self, username: str, count: int, file_every: int, file_size: int) -> None:
-        from patient_cli import store
+        from patient_cli import recordformat, store
 
         rng = random.Random(f"{SEED}-{username}")
         conn, keyring = self.session.conn, self.session.keyring
@@ -292,7 +292,7 @@ class Seeder:
             for offset, record_id in enumerate(ids):
                 number = done + offset
                 has_file = file_every > 0 and number % file_every == 0
-                content = store.RecordContent(
+                content = recordformat.RecordContent(
                     username,
                     f"Visit note {number:05d}",
                     note_text(rng, number),
@@ -301,17 +301,19 @@ class Seeder:
                 )
                 data = rng.randbytes(file_size) if has_file else None
                 batch.append(
-                    store.prepare_small(keyring, self.fingerprint_key, record_id, content, data)
+                    recordformat.prepare_small(
+                        keyring, self.fingerprint_key, record_id, content, data
+                    )
                 )
             store.insert_prepared(conn, batch)
             conn.commit()
             done += len(ids)
 
     def big(self, username: str, count: int, size: int) -> None:
-        from patient_cli import store
+        from patient_cli import recordformat, store
 
         for number in range(count):
-            content = store.RecordContent(
+            content = recordformat.RecordContent(
                 username, f"Scan {number}", None, f"scan-{number}.bin", "application/octet-stream"
             )
             store.store_streamed(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from patient_cli import sql, store
+from patient_cli import recordformat, sql, store
 from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.db import translate_db_errors
 from patient_cli.errors import IntegrityFailed, NotFound, TargetExists, UsageError
@@ -47,6 +47,7 @@ class FileRecord:
     sha256: str | None
     chunk_count: int
     legacy: bool
+    chunk_binding: int | None = None  # what the chunks are bound to (RecordMeta.chunk_binding)
 
 
 def find_file_record(session: Session, record_id: int) -> FileRecord:
@@ -71,7 +72,7 @@ def find_file_record(session: Session, record_id: int) -> FileRecord:
         if not legacy_has_file:
             raise NotFound(f"record {record_id} has no file")
         return FileRecord(rid, username, None, legacy_type, -1, None, 0, legacy=True)
-    meta = store.open_meta(session.keyring, meta_token, rid)
+    meta = recordformat.open_meta(session.keyring, meta_token, rid)
     if file_size is None:
         raise NotFound(f"record {record_id} has no file")
     if meta.file_size != file_size:
@@ -85,6 +86,7 @@ def find_file_record(session: Session, record_id: int) -> FileRecord:
         meta.sha256,
         int(chunk_count or 0),
         legacy=False,
+        chunk_binding=meta.chunk_binding(rid),
     )
 
 
@@ -101,7 +103,12 @@ def iter_file(session: Session, record: FileRecord) -> Iterator[bytes]:
     hasher = hashlib.sha256()
     size = 0
     for piece in store.iter_chunks(
-        session.conn, session.keyring, record.username, record.record_id, record.chunk_count
+        session.conn,
+        session.keyring,
+        record.username,
+        record.record_id,
+        record.chunk_count,
+        record.chunk_binding,
     ):
         hasher.update(piece)
         size += len(piece)

@@ -7,7 +7,7 @@ faster; cryptography and hashlib release the GIL but the rest does not. So
 main process walks the folder, decides what to skip and sends the rows to
 PostgreSQL on its one connection, in one stream of transactions and audit
 events as before. A worker only turns a file into a
-`PreparedRecord` (with `store.prepare_small`, the same function `add` uses);
+`PreparedRecord` (with `recordformat.prepare_small`, the same function `add` uses);
 it never touches the database.
 
 Workers are plain forks with a socket pair each: they inherit the keys (which
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from patient_cli import scan, store
+from patient_cli import recordformat, scan
 from patient_cli.crypto import Keyring
 from patient_cli.errors import PatientRecordsError, UsageError
 from patient_cli.inputs import FileChanged, read_regular_file
@@ -284,10 +284,12 @@ class SmallFilePreparer:
             return LARGE
         if len(data) in self.stored_sizes:
             digest = hashlib.sha256(data).digest()
-            return ("check", len(data), store.file_fingerprint(self.fingerprint_key, digest))
+            return ("check", len(data), recordformat.file_fingerprint(self.fingerprint_key, digest))
         mime = detect_mime_type(file_name, data)
-        content = store.RecordContent(username, record_name, self.record_data, file_name, mime)
-        prepared = store.prepare_small(
+        content = recordformat.RecordContent(
+            username, record_name, self.record_data, file_name, mime
+        )
+        prepared = recordformat.prepare_small(
             self.keyring, self.fingerprint_key, record_id, content, data, self.dedupe
         )
         return ("ok", prepared)

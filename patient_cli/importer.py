@@ -28,7 +28,7 @@ from typing import BinaryIO
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from patient_cli import scan, sql, store
+from patient_cli import recordformat, scan, sql, store
 from patient_cli.app_secrets import FINGERPRINT_KEY
 from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.crypto import Keyring
@@ -140,7 +140,7 @@ def import_folder(
     return job.summary
 
 
-_Pending = tuple[FileOutcome, store.PreparedRecord]
+_Pending = tuple[FileOutcome, recordformat.PreparedRecord]
 # A batch sent by the background thread: its records, what came of each, and
 # the record ids it reserved after them.
 _Flushed = tuple[list[_Pending], list[store.StoredRecord | None], list[int]]
@@ -156,7 +156,7 @@ class _Check:
     record_name: str
     size: int
     data: bytes | None
-    prepared: store.PreparedRecord | None
+    prepared: recordformat.PreparedRecord | None
     fingerprint: bytes | None
 
 
@@ -371,7 +371,7 @@ class _ImportJob:
             self._fail(item, username, failure[1], failure[2])
             return
         assert username is not None
-        self._read_whole(item, username, record_name, store.CHUNK_SIZE, self._small)
+        self._read_whole(item, username, record_name, recordformat.CHUNK_SIZE, self._small)
 
     def _named(self, item: scan.ScanItem) -> tuple[str | None, str, Result | None]:
         """The file's user and record name, or why it cannot be imported."""
@@ -508,7 +508,7 @@ class _ImportJob:
                 self.on_bytes(result[1])
             self._queue_check(_Check(item, username, record_name, result[1], None, None, result[2]))
             return
-        prepared: store.PreparedRecord = result[1]
+        prepared: recordformat.PreparedRecord = result[1]
         size = prepared.file_size or 0
         if self.on_bytes is not None:
             self.on_bytes(size)
@@ -538,16 +538,18 @@ class _ImportJob:
 
     def _content(
         self, item: scan.ScanItem, username: str, record_name: str, head: bytes
-    ) -> store.RecordContent:
+    ) -> recordformat.RecordContent:
         mime = detect_mime_type(item.name, head)
-        return store.RecordContent(username, record_name, self.request.record_data, item.name, mime)
+        return recordformat.RecordContent(
+            username, record_name, self.request.record_data, item.name, mime
+        )
 
     def _small(self, item: scan.ScanItem, username: str, record_name: str, data: bytes) -> None:
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         fingerprint = None
         if self.dedupe and self._size_stored(username, len(data)):
-            fingerprint = store.file_fingerprint(
+            fingerprint = recordformat.file_fingerprint(
                 self.fingerprint_key, hashlib.sha256(data).digest()
             )
         if fingerprint is None and not self.checks:
@@ -565,13 +567,13 @@ class _ImportJob:
             self._add(FileOutcome(item.shown, "would_import", username, len(data)))
             return
         content = self._content(item, username, record_name, data)
-        prepared = store.prepare_small(
+        prepared = recordformat.prepare_small(
             self.keyring, self.fingerprint_key, self._next_id(), content, data, self.dedupe
         )
         self._take_prepared(item, username, prepared)
 
     def _take_prepared(
-        self, item: scan.ScanItem, username: str, prepared: store.PreparedRecord
+        self, item: scan.ScanItem, username: str, prepared: recordformat.PreparedRecord
     ) -> None:
         size = prepared.file_size or 0
         outcome = FileOutcome(item.shown, "imported", username, size)
@@ -673,7 +675,7 @@ class _ImportJob:
         """Whether this (large) file's content is already stored for `username`."""
         if not self._size_stored(username, size):
             return False
-        fingerprint = store.file_fingerprint(self.fingerprint_key, digest())
+        fingerprint = recordformat.file_fingerprint(self.fingerprint_key, digest())
         self._finish_flush()
         with self.conn.cursor() as cur:
             cur.execute(sql.FINGERPRINT_EXISTS, (username, fingerprint))
@@ -772,7 +774,7 @@ class _ImportJob:
                 self.unit_ids.append(stored.record_id)
 
     def _insert_alone(
-        self, outcome: FileOutcome, prepared: store.PreparedRecord
+        self, outcome: FileOutcome, prepared: recordformat.PreparedRecord
     ) -> store.StoredRecord | None:
         try:
             with self.conn.transaction():
@@ -795,7 +797,7 @@ def _hash_file(source: BinaryIO) -> bytes:
     hasher = hashlib.sha256()
     while True:
         try:
-            piece = source.read(store.CHUNK_SIZE)
+            piece = source.read(recordformat.CHUNK_SIZE)
         except OSError as exc:
             raise UsageError(f"cannot read file: {exc.strerror or exc}") from None
         if not piece:

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from patient_cli import sql, store
+from patient_cli import recordformat, sql, store
 from patient_cli.app_secrets import FINGERPRINT_KEY
 from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.db import translate_db_errors
@@ -75,7 +75,7 @@ class RecordSummary:
 def add_record(session: Session, request: AddRequest) -> AddResult:
     """Encrypt and store one record (and its file, streamed), atomically."""
     username = check_username(request.username)
-    content = store.RecordContent(
+    content = recordformat.RecordContent(
         username=username,
         record_name=check_record_name(request.record_name),
         record_data=check_record_data(request.record_data),
@@ -90,7 +90,7 @@ def add_record(session: Session, request: AddRequest) -> AddResult:
         head = store.read_head(source, info.st_size)
         file_name = display_file_name(request.file_path)
         mime = request.mime_type or detect_mime_type(file_name, head)
-        content = store.RecordContent(
+        content = recordformat.RecordContent(
             content.username, content.record_name, content.record_data, file_name, mime
         )
         keyring = session.keyring
@@ -98,9 +98,11 @@ def add_record(session: Session, request: AddRequest) -> AddResult:
         with translate_db_errors(), audited(session, event):
             session.load_secrets()
             fingerprint_key = session.secret(FINGERPRINT_KEY)
-            if len(head) <= store.CHUNK_SIZE:
+            if len(head) <= recordformat.CHUNK_SIZE:
                 record_id = store.reserve_ids(session.conn, 1)[0]
-                prepared = store.prepare_small(keyring, fingerprint_key, record_id, content, head)
+                prepared = recordformat.prepare_small(
+                    keyring, fingerprint_key, record_id, content, head
+                )
                 stored = store.insert_prepared(session.conn, [prepared])[0]
             else:
                 stored = store.store_streamed(
@@ -113,13 +115,13 @@ def add_record(session: Session, request: AddRequest) -> AddResult:
     return AddResult(stored.record_id, username, stored.created_at, mime, stored.file_size)
 
 
-def _add_without_file(session: Session, content: store.RecordContent) -> AddResult:
+def _add_without_file(session: Session, content: recordformat.RecordContent) -> AddResult:
     keyring = session.keyring
     event = AuditEvent("add", usernames={content.username})
     with translate_db_errors(), audited(session, event):
         session.load_secrets()
         record_id = store.reserve_ids(session.conn, 1)[0]
-        prepared = store.prepare_small(keyring, None, record_id, content, None)
+        prepared = recordformat.prepare_small(keyring, None, record_id, content, None)
         stored = store.insert_prepared(session.conn, [prepared])[0]
         assert stored is not None
         event.record_ids.append(stored.record_id)
@@ -208,7 +210,7 @@ def _summary(keyring: Any, row: tuple[Any, ...]) -> RecordSummary:
             legacy_size,
             created_at,
         )
-    meta = store.open_meta(keyring, meta_token, record_id)
+    meta = recordformat.open_meta(keyring, meta_token, record_id)
     return RecordSummary(
         record_id,
         username,

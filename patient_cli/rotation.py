@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from psycopg import errors as pgerrors
 
-from patient_cli import sql, store
+from patient_cli import recordformat, sql
 from patient_cli.app_secrets import FINGERPRINT_KEY
 from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.crypto import Keyring
@@ -365,18 +365,18 @@ class _Rotator:
             except DecryptionFailed as exc:
                 self._fail(record_id, username, exc.message)
                 return False
-            content = store.RecordContent(username, name or "", data, None, file_type)
+            content = recordformat.RecordContent(username, name or "", data, None, file_type)
             size = sha = fingerprint = chunk_count = None
             if file_data is not None:
                 payload = bytes(file_data)
                 digest = hashlib.sha256(payload).digest()
                 size, sha = len(payload), digest.hex()
-                fingerprint = store.file_fingerprint(self.fingerprint_key, digest)
+                fingerprint = recordformat.file_fingerprint(self.fingerprint_key, digest)
                 chunk_count = self._write_chunks(cur, username, record_id, payload)
             cur.execute(
                 sql.CONVERT_LEGACY_RECORD,
                 {
-                    "meta": store.seal_meta(self.keyring, content, size, sha),
+                    "meta": recordformat.seal_meta(self.keyring, content, size, sha),
                     "key_id": self.primary,
                     "file_size": size,
                     "chunk_count": chunk_count,
@@ -392,9 +392,9 @@ class _Rotator:
         count = 0
         with cur.copy(sql.COPY_CHUNKS) as copy:
             copy.set_types(sql.CHUNK_COPY_TYPES)
-            for start in range(0, len(payload), store.CHUNK_SIZE):
-                piece = payload[start : start + store.CHUNK_SIZE]
-                token = store.seal_chunk(self.keyring, record_id, count, piece)
+            for start in range(0, len(payload), recordformat.CHUNK_SIZE):
+                piece = payload[start : start + recordformat.CHUNK_SIZE]
+                token = recordformat.seal_chunk(self.keyring, record_id, count, piece)
                 copy.write_row((username, record_id, count, self.primary, token))
                 count += 1
         return count

@@ -3,18 +3,14 @@
 One path stores every file, for `add` and `import` alike: a file that fits in
 one chunk goes in with its record in a single statement (batchable); a larger
 one is streamed in 1 MiB chunks by pipelined INSERTs, encrypted a few chunks
-ahead by a sealer thread. Each chunk's plaintext starts with (record id,
-sequence number), so a chunk moved, swapped or dropped is detected on read,
-and the record's encrypted metadata holds the file's size and SHA-256, checked
-after the last chunk.
+ahead by a sealer thread. What the tokens hold, and how chunks are bound to
+their record, is `recordformat`'s; the record's encrypted metadata holds the
+file's size and SHA-256, checked after the last chunk.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,44 +19,27 @@ from typing import BinaryIO, LiteralString
 from psycopg import errors as pgerrors
 
 from patient_cli import sql
-from patient_cli.crypto import Keyring, keyed_digest, token_capacity
+from patient_cli.crypto import Keyring
 from patient_cli.db import Connection
 from patient_cli.errors import IntegrityFailed, UsageError
+from patient_cli.recordformat import (
+    CHUNK_SIZE,
+    CHUNK_TOKEN_CAPACITY,
+    PreparedRecord,
+    RecordContent,
+    file_fingerprint,
+    open_chunk,
+    seal_chunk_into,
+    seal_meta,
+)
 from patient_cli.sealer import ChunkSealer
 
-CHUNK_SIZE = 1 << 20
 # A large file's chunks go in as pipelined INSERTs, not by COPY: the server
 # holds a binary COPY's rows in memory and stores them in groups (seen here with
 # pg_stat_progress_copy: 300 MiB taken in 0.5 s, then 1.7 s of writing after the
 # COPY ended), so a COPY per file kept the whole file in server memory and did
 # the server's work after ours instead of beside it. Each pipelined INSERT is
 # stored as it arrives, while the sealer thread encrypts the next chunks.
-CHUNK_HEADER = struct.Struct(">qI")  # record id, sequence number
-META_VERSION = 1
-_META_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps makes one per call
-
-
-@dataclass(frozen=True)
-class RecordContent:
-    """The parts of a record that are encrypted (everything but the username)."""
-
-    username: str
-    record_name: str
-    record_data: str | None = None
-    file_name: str | None = None
-    mime_type: str | None = None
-
-
-@dataclass(frozen=True)
-class RecordMeta:
-    """Decrypted metadata of a stored record."""
-
-    record_name: str
-    record_data: str | None
-    file_name: str | None
-    mime_type: str | None
-    file_size: int | None
-    sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -71,82 +50,6 @@ class StoredRecord:
     sha256: str | None
 
 
-@dataclass(frozen=True)
-class PreparedRecord:
-    """A record and its file's chunks (if any), encrypted and ready to insert."""
-
-    params: dict[str, object]
-    chunks: tuple[bytes, ...]
-    file_size: int | None
-    sha256: str | None
-    fingerprint: bytes | None = None
-
-
-# -- metadata ----------------------------------------------------------------
-
-
-def seal_meta(
-    keyring: Keyring, content: RecordContent, file_size: int | None, sha256: str | None
-) -> bytes:
-    meta = {
-        "v": META_VERSION,
-        "name": content.record_name,
-        "data": content.record_data,
-        "file_name": content.file_name,
-        "mime": content.mime_type,
-        "size": file_size,
-        "sha256": sha256,
-    }
-    return keyring.encrypt(_META_JSON.encode(meta).encode("utf-8"))
-
-
-def open_meta(keyring: Keyring, token: bytes | memoryview, record_id: int) -> RecordMeta:
-    raw = json.loads(keyring.decrypt(token, what=f"record {record_id}"))
-    return RecordMeta(
-        record_name=raw["name"],
-        record_data=raw.get("data"),
-        file_name=raw.get("file_name"),
-        mime_type=raw.get("mime"),
-        file_size=raw.get("size"),
-        sha256=raw.get("sha256"),
-    )
-
-
-def file_fingerprint(fingerprint_key: bytes, sha256_digest: bytes) -> bytes:
-    """Keyed fingerprint of a file's content: reveals nothing without the HMAC key."""
-    return keyed_digest(fingerprint_key, b"file", sha256_digest)
-
-
-# -- chunks ------------------------------------------------------------------
-
-
-def seal_chunk(keyring: Keyring, record_id: int, seq: int, data: bytes | memoryview) -> bytes:
-    return keyring.encrypt(CHUNK_HEADER.pack(record_id, seq) + data)
-
-
-def seal_chunk_into(
-    keyring: Keyring, record_id: int, seq: int, data: memoryview, out: bytearray
-) -> int:
-    """seal_chunk, written into `out` (see Keyring.encrypt_into); returns the length."""
-    return keyring.encrypt_into((CHUNK_HEADER.pack(record_id, seq), data), out)
-
-
-CHUNK_TOKEN_CAPACITY = token_capacity(CHUNK_HEADER.size + CHUNK_SIZE)
-
-
-def open_chunk(keyring: Keyring, token: bytes | memoryview, record_id: int, seq: int) -> bytes:
-    plain = keyring.decrypt(token, what=f"chunk {seq} of record {record_id}")
-    if len(plain) < CHUNK_HEADER.size:
-        raise IntegrityFailed(f"record {record_id}: chunk {seq} is malformed")
-    got_id, got_seq = CHUNK_HEADER.unpack_from(plain)
-    if got_id != record_id or got_seq != seq:
-        raise IntegrityFailed(
-            f"record {record_id}: chunk {seq} is out of place "
-            f"(it belongs to record {got_id}, position {got_seq})"
-        )
-    return plain[CHUNK_HEADER.size :]
-
-
 def reserve_ids(conn: Connection, count: int) -> list[int]:
     with conn.cursor() as cur:
         cur.execute(sql.RESERVE_RECORD_IDS, (count,))
@@ -154,46 +57,6 @@ def reserve_ids(conn: Connection, count: int) -> list[int]:
 
 
 # -- writing -----------------------------------------------------------------
-
-
-def prepare_small(
-    keyring: Keyring,
-    fingerprint_key: bytes | None,
-    record_id: int,
-    content: RecordContent,
-    file_bytes: bytes | None,
-    dedupe: bool = False,
-) -> PreparedRecord:
-    """Encrypt a record and its file (if any), held whole in memory: a file of
-    one chunk for `add`, of a few for `import`'s workers (import_pool)."""
-    size = sha = fingerprint = None
-    chunks: tuple[bytes, ...] = ()
-    if file_bytes is not None:
-        digest = hashlib.sha256(file_bytes).digest()
-        size, sha = len(file_bytes), digest.hex()
-        if fingerprint_key is not None:
-            fingerprint = file_fingerprint(fingerprint_key, digest)
-        if len(file_bytes) <= CHUNK_SIZE:  # most files: no view, no slicing
-            chunks = (seal_chunk(keyring, record_id, 0, file_bytes),) if file_bytes else ()
-        else:
-            with memoryview(file_bytes) as view:
-                chunks = tuple(
-                    seal_chunk(keyring, record_id, seq, view[start : start + CHUNK_SIZE])
-                    for seq, start in enumerate(range(0, len(view), CHUNK_SIZE))
-                )
-    params: dict[str, object] = {
-        "id": record_id,
-        "username": content.username,
-        "meta": seal_meta(keyring, content, size, sha),
-        "key_id": keyring.primary_id,
-        "file_size": size,
-        "chunk_count": len(chunks) if file_bytes is not None else None,
-        "fingerprint": fingerprint,
-        "dedupe_key": fingerprint if dedupe else None,
-    }
-    if len(chunks) == 1:
-        params["chunk"] = chunks[0]
-    return PreparedRecord(params, chunks, size, sha, fingerprint)
 
 
 def insert_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[StoredRecord | None]:
@@ -436,10 +299,16 @@ def _read(source: BinaryIO, size: int) -> bytes:
 
 
 def iter_chunks(
-    conn: Connection, keyring: Keyring, username: str, record_id: int, chunk_count: int
+    conn: Connection,
+    keyring: Keyring,
+    username: str,
+    record_id: int,
+    chunk_count: int,
+    binding: int | None = None,
 ) -> Iterator[bytes]:
     """Decrypted file pieces of a record, in order, checking there are exactly
-    `chunk_count` of them at positions 0..chunk_count-1."""
+    `chunk_count` of them at positions 0..chunk_count-1, each bound to `binding`
+    (RecordMeta.chunk_binding; by default the record id)."""
     expected = 0
     with conn.cursor() as cur, cur.copy(sql.COPY_CHUNKS_OUT, (username, record_id)) as copy:
         copy.set_types(sql.CHUNK_OUT_TYPES)
@@ -448,7 +317,7 @@ def iter_chunks(
             if seq != expected:
                 what = "missing" if seq > expected else "duplicated"
                 raise IntegrityFailed(f"record {record_id}: chunk {expected} is {what}")
-            yield open_chunk(keyring, token, record_id, seq)
+            yield open_chunk(keyring, token, record_id, seq, binding)
             expected += 1
     if expected != chunk_count:
         raise IntegrityFailed(f"record {record_id}: has {expected} chunks, expected {chunk_count}")

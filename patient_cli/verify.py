@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from patient_cli import sql, store
+from patient_cli import recordformat, sql, store
 from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.db import translate_db_errors
 from patient_cli.errors import DecryptionFailed, IntegrityFailed, NotFound, UsageError
@@ -175,7 +175,7 @@ class _Verifier:
         chunk_count: int | None,
     ) -> int:
         try:
-            meta = store.open_meta(self.keyring, meta_token, record_id)
+            meta = recordformat.open_meta(self.keyring, meta_token, record_id)
         except (ValueError, KeyError, TypeError):
             raise IntegrityFailed(f"record {record_id}: metadata is malformed") from None
         if meta.file_size != file_size:
@@ -188,7 +188,12 @@ class _Verifier:
         size = 0
         # A record without a file must have no chunks either: count 0 checks that.
         for piece in store.iter_chunks(
-            self.conn, self.keyring, username, record_id, int(chunk_count or 0)
+            self.conn,
+            self.keyring,
+            username,
+            record_id,
+            int(chunk_count or 0),
+            meta.chunk_binding(record_id),
         ):
             hasher.update(piece)
             size += len(piece)

@@ -248,7 +248,7 @@ def tamper_swap_records(db_url: str, key: str, first: int, second: int) -> str:
         first,
         second,
     )
-    return f"record {first}: chunk 0 is out of place (it belongs to record {second}, position 0)"
+    return f"record {first}: chunk 0 is out of place (it belongs to another record, position 0)"
 
 
 def tamper_reorder(db_url: str, key: str, first: int, second: int) -> str:
@@ -258,7 +258,7 @@ def tamper_reorder(db_url: str, key: str, first: int, second: int) -> str:
         "WHERE c.record_id = %s AND o.record_id = c.record_id AND o.seq = 1 - c.seq",
         first,
     )
-    return f"record {first}: chunk 0 is out of place (it belongs to record {first}, position 1)"
+    return f"record {first}: chunk 0 is out of place (it belongs to this record, position 1)"
 
 
 def tamper_drop_last(db_url: str, key: str, first: int, second: int) -> str:

@@ -21,7 +21,7 @@ import pytest
 from conftest import Cli, stderr_line
 from patient_cli import scan
 from patient_cli.errors import UsageError
-from patient_cli.store import CHUNK_SIZE
+from patient_cli.recordformat import CHUNK_SIZE
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from patient_cli import store
+from patient_cli import recordformat
 from patient_cli.crypto import Keyring
 from patient_cli.import_pool import (
     MESSAGE_BYTES,
@@ -160,7 +160,7 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     keyring = Keyring([Fernet.generate_key()])
     preparer = SmallFilePreparer(keyring, b"k" * 32, "a note", dedupe=True)
     (tmp_path / "a.txt").write_bytes(b"hello")
-    medium = os.urandom(store.CHUNK_SIZE * 2 + 5)
+    medium = os.urandom(recordformat.CHUNK_SIZE * 2 + 5)
     (tmp_path / "medium.bin").write_bytes(medium)
     (tmp_path / "big.bin").write_bytes(b"x" * (WHOLE_FILE_BYTES + 1))
     os.mkfifo(tmp_path / "fifo")
@@ -178,10 +178,13 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     assert ok[0] == "ok"
     prepared = ok[1]
     assert (prepared.params["id"], prepared.file_size) == (1, 5)
-    assert prepared.fingerprint == store.file_fingerprint(b"k" * 32, bytes.fromhex(prepared.sha256))
-    meta = store.open_meta(keyring, prepared.params["meta"], 1)
+    assert prepared.fingerprint == recordformat.file_fingerprint(
+        b"k" * 32, bytes.fromhex(prepared.sha256)
+    )
+    meta = recordformat.open_meta(keyring, prepared.params["meta"], 1)
     assert (meta.record_name, meta.record_data, meta.file_name) == ("a", "a note", "a.txt")
-    assert store.open_chunk(keyring, prepared.chunks[0], 1, 0) == b"hello"
+    binding = meta.chunk_binding(1)
+    assert recordformat.open_chunk(keyring, prepared.chunks[0], 1, 0, binding) == b"hello"
     assert large == ("large",)
     assert fifo[:2] == ("failed", "not_regular_file")
     assert gone == ("failed", "vanished", f"file not found: {tmp_path / 'gone.txt'}")
@@ -189,7 +192,10 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     assert whole[0] == "ok"
     chunks = whole[1].chunks
     assert (len(chunks), whole[1].params["chunk_count"]) == (3, 3)
-    opened = b"".join(store.open_chunk(keyring, token, 5, seq) for seq, token in enumerate(chunks))
+    binding = recordformat.open_meta(keyring, whole[1].params["meta"], 5).chunk_binding(5)
+    opened = b"".join(
+        recordformat.open_chunk(keyring, token, 5, seq, binding) for seq, token in enumerate(chunks)
+    )
     assert opened == medium
 
 

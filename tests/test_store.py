@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import Cli
-from patient_cli import export, store
+from patient_cli import export, recordformat, store
 from patient_cli.config import load_settings
 from patient_cli.crypto import Keyring
 from patient_cli.errors import IntegrityFailed, UsageError
+from patient_cli.recordformat import CHUNK_SIZE, RecordContent
 from patient_cli.records import AddRequest, add_record
 from patient_cli.session import Session
-from patient_cli.store import CHUNK_SIZE, RecordContent
 
 BOUNDARY_SIZES = [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 2 * CHUNK_SIZE + 5]
 FEW = settings(
@@ -143,8 +143,8 @@ def test_pieces_are_full_chunks_but_the_last() -> None:
 
 def test_metadata_round_trip() -> None:
     content = RecordContent("u", "Name ✓", "data\x00", "f.pdf", "application/pdf")
-    token = store.seal_meta(KEYRING, content, 12, "ab" * 32)
-    assert store.open_meta(KEYRING, token, 1) == store.RecordMeta(
+    token = recordformat.seal_meta(KEYRING, content, 12, "ab" * 32)
+    assert recordformat.open_meta(KEYRING, token, 1) == recordformat.RecordMeta(
         "Name ✓", "data\x00", "f.pdf", "application/pdf", 12, "ab" * 32
     )
 
@@ -153,29 +153,52 @@ def test_metadata_round_trip() -> None:
 
 
 def test_open_chunk_returns_the_data() -> None:
-    token = store.seal_chunk(KEYRING, 41, 3, b"piece")
-    assert store.open_chunk(KEYRING, token, 41, 3) == b"piece"
+    token = recordformat.seal_chunk(KEYRING, 41, 3, b"piece")
+    assert recordformat.open_chunk(KEYRING, token, 41, 3) == b"piece"
 
 
 @pytest.mark.parametrize(("record_id", "seq"), [(42, 3), (41, 4), (41, 0), (-41, 3)])
 def test_open_chunk_refuses_a_chunk_from_elsewhere(record_id: int, seq: int) -> None:
-    token = store.seal_chunk(KEYRING, 41, 3, b"piece")
+    token = recordformat.seal_chunk(KEYRING, 41, 3, b"piece")
     with pytest.raises(IntegrityFailed) as caught:
-        store.open_chunk(KEYRING, token, record_id, seq)
+        recordformat.open_chunk(KEYRING, token, record_id, seq)
+    owner = "this record" if record_id == 41 else "another record"
     assert caught.value.message == (
-        f"record {record_id}: chunk {seq} is out of place (it belongs to record 41, position 3)"
+        f"record {record_id}: chunk {seq} is out of place (it belongs to {owner}, position 3)"
     )
+
+
+@pytest.mark.parametrize(("binding", "seq"), [(7, 1), (8, 0), (None, 1)])
+def test_open_chunk_checks_a_tagged_chunk_against_its_tag(binding: int | None, seq: int) -> None:
+    # A chunk sealed before its record had an id is bound to a tag from the
+    # record's metadata: the record id means nothing to it.
+    token = recordformat.seal_chunk(KEYRING, 8, 1, b"piece")
+    with pytest.raises(IntegrityFailed):
+        recordformat.open_chunk(KEYRING, token, 99, seq, binding)
+    assert recordformat.open_chunk(KEYRING, token, 99, 1, 8) == b"piece"
+
+
+def test_a_tagged_record_keeps_its_tag_in_the_metadata() -> None:
+    content = RecordContent("ann", "scan", None, "a.bin", "application/octet-stream")
+    prepared = recordformat.prepare_small(KEYRING, None, None, content, b"x" * 10)
+    meta = recordformat.open_meta(KEYRING, prepared.params["meta"], 5)  # type: ignore[arg-type]
+    assert meta.chunk_tag is not None and meta.chunk_binding(5) == meta.chunk_tag
+    assert recordformat.open_chunk(KEYRING, prepared.chunks[0], 5, 0, meta.chunk_tag) == b"x" * 10
+    with pytest.raises(IntegrityFailed):
+        recordformat.open_chunk(KEYRING, prepared.chunks[0], 5, 0)  # not bound to the id
+    assert prepared.params["id"] is None and prepared.fingerprint is None
+    assert recordformat.prepare_small(KEYRING, None, None, content, b"").chunks == ()
 
 
 def test_open_chunk_refuses_a_chunk_without_header() -> None:
     token = KEYRING.encrypt(b"short")
     with pytest.raises(IntegrityFailed, match=r"^record 1: chunk 0 is malformed$"):
-        store.open_chunk(KEYRING, token, 1, 0)
+        recordformat.open_chunk(KEYRING, token, 1, 0)
 
 
 def test_chunk_header_is_inside_the_ciphertext() -> None:
-    token = store.seal_chunk(KEYRING, 41, 3, b"")
-    assert KEYRING.decrypt(token) == store.CHUNK_HEADER.pack(41, 3)
+    token = recordformat.seal_chunk(KEYRING, 41, 3, b"")
+    assert KEYRING.decrypt(token) == recordformat.CHUNK_HEADER.pack(41, 3)
 
 
 # -- batches and de-duplication (the import paths) --------------------------------
@@ -185,7 +208,9 @@ def test_insert_prepared_batch_is_pipelined_and_complete(session: Session) -> No
     contents = [b"", b"one", bytes(CHUNK_SIZE), None]
     ids = store.reserve_ids(session.conn, len(contents))
     batch = [
-        store.prepare_small(session.keyring, None, rid, RecordContent("batch", f"r{rid}"), data)
+        recordformat.prepare_small(
+            session.keyring, None, rid, RecordContent("batch", f"r{rid}"), data
+        )
         for rid, data in zip(ids, contents, strict=True)
     ]
     stored = store.insert_prepared(session.conn, batch)
@@ -201,7 +226,7 @@ def test_dedupe_skips_a_file_already_stored_for_that_user(session: Session) -> N
 
     def small(username: str, data: bytes) -> store.StoredRecord | None:
         rid = store.reserve_ids(session.conn, 1)[0]
-        prepared = store.prepare_small(
+        prepared = recordformat.prepare_small(
             KEYRING, fingerprint_key, rid, RecordContent(username, "x"), data, dedupe=True
         )
         result = store.insert_prepared(session.conn, [prepared])[0]

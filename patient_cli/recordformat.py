@@ -1,0 +1,224 @@
+"""What a record looks like encrypted: its metadata token and its file's chunk tokens.
+
+No database here (and no psycopg import), so `import`'s worker processes can
+use it before the main process has connected.
+
+A record's metadata (name, note, file name, MIME type, size, SHA-256) is one
+Fernet token over JSON. Its file is cut into 1 MiB chunks, each one token whose
+plaintext starts with (binding, sequence number), so a chunk moved, swapped or
+dropped is detected on read. The binding is either the record's id (files
+streamed once their record exists, and converted legacy rows) or, from
+metadata version 2, a random 63-bit tag kept inside the record's encrypted
+metadata (files encrypted before their record has an id: `add`'s and
+`import`'s whole files, which workers seal while the main process connects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from patient_cli.crypto import Keyring, keyed_digest, token_capacity
+from patient_cli.errors import IntegrityFailed
+
+CHUNK_SIZE = 1 << 20
+CHUNK_HEADER = struct.Struct(">qI")  # binding (record id or tag), sequence number
+# 1: chunks bound to the record id. 2: bound to the metadata's random "tag".
+META_VERSION = 1
+META_VERSION_TAGGED = 2
+_META_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps makes one per call
+
+
+@dataclass(frozen=True)
+class RecordContent:
+    """The parts of a record that are encrypted (everything but the username)."""
+
+    username: str
+    record_name: str
+    record_data: str | None = None
+    file_name: str | None = None
+    mime_type: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordMeta:
+    """Decrypted metadata of a stored record."""
+
+    record_name: str
+    record_data: str | None
+    file_name: str | None
+    mime_type: str | None
+    file_size: int | None
+    sha256: str | None
+    chunk_tag: int | None = None  # what the chunks are bound to, when not the record id
+
+    def chunk_binding(self, record_id: int) -> int:
+        return record_id if self.chunk_tag is None else self.chunk_tag
+
+
+@dataclass(frozen=True)
+class PreparedRecord:
+    """A record and its file's chunks (if any), encrypted and ready to insert.
+
+    `params["id"]` is set by whoever assigns the record its id (the chunks do
+    not depend on it); `fingerprint` is None until the fingerprint key is known.
+    """
+
+    params: dict[str, object]
+    chunks: tuple[bytes, ...]
+    file_size: int | None
+    sha256: str | None
+    fingerprint: bytes | None = None
+
+
+# -- metadata ----------------------------------------------------------------
+
+
+def seal_meta(
+    keyring: Keyring,
+    content: RecordContent,
+    file_size: int | None,
+    sha256: str | None,
+    chunk_tag: int | None = None,
+) -> bytes:
+    meta: dict[str, object] = {
+        "v": META_VERSION if chunk_tag is None else META_VERSION_TAGGED,
+        "name": content.record_name,
+        "data": content.record_data,
+        "file_name": content.file_name,
+        "mime": content.mime_type,
+        "size": file_size,
+        "sha256": sha256,
+    }
+    if chunk_tag is not None:
+        meta["tag"] = chunk_tag
+    return keyring.encrypt(_META_JSON.encode(meta).encode("utf-8"))
+
+
+def open_meta(keyring: Keyring, token: bytes | memoryview, record_id: int) -> RecordMeta:
+    raw = json.loads(keyring.decrypt(token, what=f"record {record_id}"))
+    return RecordMeta(
+        record_name=raw["name"],
+        record_data=raw.get("data"),
+        file_name=raw.get("file_name"),
+        mime_type=raw.get("mime"),
+        file_size=raw.get("size"),
+        sha256=raw.get("sha256"),
+        chunk_tag=raw.get("tag"),
+    )
+
+
+def file_fingerprint(fingerprint_key: bytes, sha256_digest: bytes) -> bytes:
+    """Keyed fingerprint of a file's content: reveals nothing without the HMAC key."""
+    return keyed_digest(fingerprint_key, b"file", sha256_digest)
+
+
+def new_chunk_tag() -> int:
+    """A random binding for a record's chunks (never 0, never negative)."""
+    return (int.from_bytes(os.urandom(8), "big") >> 1) or 1
+
+
+# -- chunks ------------------------------------------------------------------
+
+
+def seal_chunk(keyring: Keyring, binding: int, seq: int, data: bytes | memoryview) -> bytes:
+    return keyring.encrypt(CHUNK_HEADER.pack(binding, seq) + data)
+
+
+def seal_chunk_into(
+    keyring: Keyring, binding: int, seq: int, data: memoryview, out: bytearray
+) -> int:
+    """seal_chunk, written into `out` (see Keyring.encrypt_into); returns the length."""
+    return keyring.encrypt_into((CHUNK_HEADER.pack(binding, seq), data), out)
+
+
+CHUNK_TOKEN_CAPACITY = token_capacity(CHUNK_HEADER.size + CHUNK_SIZE)
+
+
+def open_chunk(
+    keyring: Keyring,
+    token: bytes | memoryview,
+    record_id: int,
+    seq: int,
+    binding: int | None = None,
+) -> bytes:
+    """A chunk's data, checked to be piece `seq` of this record (bound to
+    `binding`, by default the record id)."""
+    plain = keyring.decrypt(token, what=f"chunk {seq} of record {record_id}")
+    if len(plain) < CHUNK_HEADER.size:
+        raise IntegrityFailed(f"record {record_id}: chunk {seq} is malformed")
+    got_binding, got_seq = CHUNK_HEADER.unpack_from(plain)
+    expected = record_id if binding is None else binding
+    if got_binding != expected or got_seq != seq:
+        owner = "this record" if got_binding == expected else "another record"
+        raise IntegrityFailed(
+            f"record {record_id}: chunk {seq} is out of place "
+            f"(it belongs to {owner}, position {got_seq})"
+        )
+    return plain[CHUNK_HEADER.size :]
+
+
+# -- a whole record at once ----------------------------------------------------
+
+
+def prepare_small(
+    keyring: Keyring,
+    fingerprint_key: bytes | None,
+    record_id: int | None,
+    content: RecordContent,
+    file_bytes: bytes | None,
+    dedupe: bool = False,
+) -> PreparedRecord:
+    """Encrypt a record and its file (if any), held whole in memory: a file of
+    one chunk for `add`, of a few for `import`'s workers (import_pool).
+
+    The chunks are bound to a random tag kept in the metadata, so they can be
+    sealed before the record has an id (`record_id` None: set params["id"]
+    later); without `fingerprint_key` the fingerprint is left to the caller.
+    """
+    size = sha = fingerprint = tag = None
+    chunks: tuple[bytes, ...] = ()
+    if file_bytes is not None:
+        digest = hashlib.sha256(file_bytes).digest()
+        size, sha = len(file_bytes), digest.hex()
+        if fingerprint_key is not None:
+            fingerprint = file_fingerprint(fingerprint_key, digest)
+        tag = new_chunk_tag()
+        if len(file_bytes) <= CHUNK_SIZE:  # most files: no view, no slicing
+            chunks = (seal_chunk(keyring, tag, 0, file_bytes),) if file_bytes else ()
+        else:
+            with memoryview(file_bytes) as view:
+                chunks = tuple(
+                    seal_chunk(keyring, tag, seq, view[start : start + CHUNK_SIZE])
+                    for seq, start in enumerate(range(0, len(view), CHUNK_SIZE))
+                )
+    params: dict[str, object] = {
+        "id": record_id,
+        "username": content.username,
+        "meta": seal_meta(keyring, content, size, sha, tag),
+        "key_id": keyring.primary_id,
+        "file_size": size,
+        "chunk_count": len(chunks) if file_bytes is not None else None,
+        "fingerprint": fingerprint,
+        "dedupe_key": fingerprint if dedupe else None,
+    }
+    if len(chunks) == 1:
+        params["chunk"] = chunks[0]
+    return PreparedRecord(params, chunks, size, sha, fingerprint)
+
+
+def with_fingerprint(
+    prepared: PreparedRecord, fingerprint_key: bytes, dedupe: bool
+) -> PreparedRecord:
+    """`prepared` with its keyed fingerprint (for one sealed before the key was known)."""
+    if prepared.fingerprint is not None or prepared.sha256 is None:
+        return prepared
+    fingerprint = file_fingerprint(fingerprint_key, bytes.fromhex(prepared.sha256))
+    prepared.params["fingerprint"] = fingerprint
+    prepared.params["dedupe_key"] = fingerprint if dedupe else None
+    return PreparedRecord(
+        prepared.params, prepared.chunks, prepared.file_size, prepared.sha256, fingerprint
+    )
