@@ -7,6 +7,7 @@ override) using the variable names of the original service. Holds no secrets in
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +48,36 @@ class KeySource:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a command needs to know about its environment."""
+    """Everything a command needs to know about its environment.
 
-    conninfo: str = field(repr=False)  # may contain a password
+    An external database's settings (DATABASE_URL or the DB_* variables, read
+    when the settings are loaded) are parsed on first use: psycopg's parser
+    costs importing all of psycopg (about 0.2 s), which `import` overlaps with
+    its workers' start. A malformed one is reported then, before connecting.
+    """
+
     embedded: bool
     home: Path | None
     key_source: KeySource
     actor: str | None
-    display_database: str
+    database_url: str | None = field(default=None, repr=False)  # may contain a password
+    database_params: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    @property
+    def conninfo(self) -> str:
+        """The libpq connection string ("" for the embedded server); may contain a password."""
+        return "" if self.embedded else self._external[0]
+
+    @property
+    def display_database(self) -> str:
+        """The database, for messages: never a password."""
+        if self.embedded:
+            return f"embedded PostgreSQL in {self.home}"
+        return self._external[1]
+
+    @functools.cached_property
+    def _external(self) -> tuple[str, str]:
+        return _external_conninfo(self.database_url, dict(self.database_params))
 
 
 def load_env_file(env_file: Path | None) -> None:
@@ -85,30 +108,12 @@ def load_settings() -> Settings:
     """Build Settings from the (already .env-seeded) environment."""
     embedded = _env("DATABASE_URL") is None and all(_env(v) is None for v in DB_VARIABLES)
     home: Path | None = None
+    params: dict[str, str] = {}
     if embedded:
         from patient_cli.embedded import default_home
 
         home = default_home()
-        conninfo = ""
-        display = f"embedded PostgreSQL in {home}"
-    else:
-        conninfo, display = _external_conninfo()
-    return Settings(
-        conninfo=conninfo,
-        embedded=embedded,
-        home=home,
-        key_source=_key_source(home),
-        actor=_env("PATIENT_RECORDS_ACTOR"),
-        display_database=display,
-    )
-
-
-def _external_conninfo() -> tuple[str, str]:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    url = _env("DATABASE_URL")
-    params: dict[str, str] = {}
-    if url is None:
+    elif _env("DATABASE_URL") is None:
         mapping = {
             "DB_USERNAME": "user",
             "DB_PASSWORD": "password",
@@ -120,14 +125,26 @@ def _external_conninfo() -> tuple[str, str]:
             value = _env(var)
             if value is not None:
                 params[key] = value
-        base = ""
-    else:
-        base = url
     sslmode = _env("DB_SSLMODE")
-    if sslmode is not None:
+    if sslmode is not None and not embedded:
         params["sslmode"] = sslmode
+    return Settings(
+        embedded=embedded,
+        home=home,
+        key_source=_key_source(home),
+        actor=_env("PATIENT_RECORDS_ACTOR"),
+        database_url=None if embedded else _env("DATABASE_URL"),
+        database_params=tuple(params.items()),
+    )
+
+
+def _external_conninfo(url: str | None, params: dict[str, str]) -> tuple[str, str]:
+    """The connection string for DATABASE_URL (or "") completed by `params`,
+    and how to show it; raises ConfigError when it does not parse."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     try:
-        parsed = conninfo_to_dict(make_conninfo(base, **params))
+        parsed = conninfo_to_dict(make_conninfo(url or "", **params))
     except Exception as exc:  # psycopg.ProgrammingError: malformed DSN
         raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection string") from exc
     port = str(parsed.get("port", ""))

@@ -4,6 +4,7 @@ outcomes and the summary, and the checks made before any key or database work.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,11 @@ class FileOutcome:
             out["error"] = self.error
             out["code"] = self.code
         return out
+
+
+# Called with each file's outcome once it is committed, and with the bytes read.
+OutcomeCallback = Callable[[FileOutcome], None]
+BytesCallback = Callable[[int], None]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """A command's working context: settings, database connection, keys and actor.
 
 Service functions take a Session so tests and other front ends can build one
-without the CLI. Keys and HMAC secrets are loaded lazily, once.
+without the CLI. Keys and HMAC secrets are loaded lazily, once. Importing this
+module does not import psycopg (about 0.2 s): `import` forks its workers and
+starts them on the first files before that (see importer).
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import contextlib
 import os
 import pwd
 from dataclasses import dataclass, field
-from types import TracebackType
+from typing import TYPE_CHECKING
 
-from psycopg.pq import TransactionStatus
-
-from patient_cli import app_secrets
 from patient_cli.config import Settings
 from patient_cli.crypto import Keyring
-from patient_cli.db import Connection, connect
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from patient_cli.db import Connection
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Session:
     @property
     def conn(self) -> Connection:
         if self._conn is None:
+            from patient_cli.db import connect
+
             self._conn = connect(self.settings)
         return self._conn
 
@@ -75,8 +80,10 @@ class Session:
     def secret(self, name: str) -> bytes:
         """The HMAC secret `name`; call before opening a work transaction so that a
         freshly created secret is committed on its own and never rolled back."""
+        from patient_cli import app_secrets
+
         if name not in self._secrets:
-            if self.conn.info.transaction_status == TransactionStatus.IDLE:
+            if _idle(self.conn):
                 with self.conn.transaction():
                     value = app_secrets.get_secret(self.conn, self.keyring, name)
             else:
@@ -87,11 +94,13 @@ class Session:
     def load_secrets(self) -> None:
         """Fetch (creating if needed) every HMAC secret, committed on its own, before
         a work transaction starts; a rollback of that work then cannot lose one."""
+        from patient_cli import app_secrets
+
         missing = [name for name in app_secrets.SECRET_NAMES if name not in self._secrets]
         if not missing:
             return
         # One round trip in the usual case where they all exist already.
-        idle = self.conn.info.transaction_status == TransactionStatus.IDLE
+        idle = _idle(self.conn)
         found = app_secrets.get_existing_secrets(self.conn, self.keyring, missing)
         if idle:
             self.conn.commit()
@@ -117,3 +126,10 @@ class Session:
             with contextlib.suppress(Exception):
                 self._conn.rollback()
         self.close()
+
+
+def _idle(conn: Connection) -> bool:
+    """Whether `conn` is outside any transaction."""
+    from psycopg.pq import TransactionStatus
+
+    return conn.info.transaction_status == TransactionStatus.IDLE

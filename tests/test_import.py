@@ -428,7 +428,7 @@ def test_each_commit_is_audited_with_the_stored_ids(
 def test_many_small_files_with_duplicates_across_batches(
     ready: Cli, tmp_path: Path, db_url: str, workers: str
 ) -> None:
-    from patient_cli.importer import BATCH_FILES
+    from patient_cli.import_job import BATCH_FILES
 
     count = BATCH_FILES * 2 + 50
     files = {f"f{n:05d}.txt": f"note {n}".encode() for n in range(count)}
@@ -682,15 +682,15 @@ def test_a_deadlock_between_two_imports_is_retried(ready: Cli, tmp_path: Path, d
 def test_a_deadlock_met_while_giving_files_to_workers_loses_none(
     ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The background COPY thread reserves the next record ids; a deadlock there
-    # surfaces while the next batch for the workers is being made, after its
-    # files were taken from the scan. They must be redone with the unit.
-    from patient_cli import importer, store
+    # Record ids are reserved while files are taken in (and by the background
+    # COPY thread); a deadlock there rolls the unit back while the workers hold
+    # files taken from the scan but not yet taken in. All must be redone.
+    from patient_cli import import_job, store
     from patient_cli.config import load_settings
     from patient_cli.importer import ImportRequest, import_folder
     from patient_cli.session import Session
 
-    count = importer.ID_BLOCK * 3
+    count = import_job.ID_BLOCK * 3
     root = make_tree(tmp_path / "in", {f"f{n:05d}.txt": b"letter %d" % n for n in range(count)})
     reserve = store.reserve_ids
     calls = 0
@@ -729,7 +729,7 @@ def test_a_failing_worker_stops_the_import_with_one_line(
     prepare = SmallFilePreparer.__call__
 
     def fail_on_one(self: SmallFilePreparer, task: Task) -> Any:
-        if task[1].endswith("f0300.txt"):
+        if task[0].endswith("f0300.txt"):
             raise ValueError("a bug (with content that must not be shown)")
         return prepare(self, task)
 

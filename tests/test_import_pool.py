@@ -3,6 +3,7 @@ this process, failures as results, and no worker outliving the importer."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -26,11 +27,17 @@ from patient_cli.import_pool import (
     Task,
     WorkerFailed,
     WorkerPool,
+    WorkerSettings,
 )
 
 
+def number(task: Task) -> int:
+    """The test task's number (the last part of its path)."""
+    return int(task[0].rsplit("/", 1)[1])
+
+
 def echo(task: Task) -> tuple[str, int, int]:
-    return ("ok-test", task[0], os.getpid())
+    return ("ok-test", number(task), os.getpid())
 
 
 def answers(pool: WorkerPool) -> list[Result]:
@@ -44,7 +51,7 @@ def answers(pool: WorkerPool) -> list[Result]:
 
 
 def tasks(first: int, count: int) -> list[Task]:
-    return [(n, f"/nowhere/{n}", "ann", f"r{n}", f"{n}.txt") for n in range(first, first + count)]
+    return [(f"/nowhere/{n}", "ann", f"r{n}", f"{n}.txt") for n in range(first, first + count)]
 
 
 def test_batches_are_answered_in_the_order_sent_by_all_workers() -> None:
@@ -65,7 +72,7 @@ class Sized:
 
 
 def big_result(task: Task) -> tuple[str, Sized]:
-    return ("ok", Sized(MESSAGE_BYTES // 2 + task[0]))
+    return ("ok", Sized(MESSAGE_BYTES // 2 + number(task)))
 
 
 def test_a_batch_of_large_results_comes_in_parts() -> None:
@@ -90,7 +97,7 @@ def test_close_reaps_every_worker() -> None:
 
 
 def padded(task: Task) -> tuple[str, int, bytes]:
-    return ("ok-test", task[0], b"r" * 20_000)
+    return ("ok-test", number(task), b"r" * 20_000)
 
 
 def test_sending_while_a_worker_waits_to_answer_does_not_deadlock() -> None:
@@ -102,12 +109,12 @@ def test_sending_while_a_worker_waits_to_answer_does_not_deadlock() -> None:
     mine = pool._workers[0].sock
     mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     mine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    long_tasks = [(n, "/" + "d" * 4000 + f"/{n}", "ann", "r", "n.txt") for n in range(64)]
+    long_path = "/" + "d" * 4000
     done: list[int] = []
 
     def exchange() -> None:
         for first in range(0, 256, 64):
-            pool.send([(first + t[0], *t[1:]) for t in long_tasks])
+            pool.send([(f"{long_path}/{n}", "ann", "r", "n.txt") for n in range(first, first + 64)])
         for _ in range(4):
             done.extend(answer[1] for answer in answers(pool))
 
@@ -158,18 +165,18 @@ def test_a_pool_closes_while_a_later_pool_is_open() -> None:
 
 def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     keyring = Keyring([Fernet.generate_key()])
-    preparer = SmallFilePreparer(keyring, b"k" * 32, "a note", dedupe=True)
+    preparer = SmallFilePreparer(keyring, "a note", dedupe=True, fingerprint_key=b"k" * 32)
     (tmp_path / "a.txt").write_bytes(b"hello")
     medium = os.urandom(recordformat.CHUNK_SIZE * 2 + 5)
     (tmp_path / "medium.bin").write_bytes(medium)
     (tmp_path / "big.bin").write_bytes(b"x" * (WHOLE_FILE_BYTES + 1))
     os.mkfifo(tmp_path / "fifo")
     batch: list[Task] = [
-        (1, str(tmp_path / "a.txt"), "ann", "a", "a.txt"),
-        (2, str(tmp_path / "big.bin"), "ann", "big", "big.bin"),
-        (3, str(tmp_path / "fifo"), "ann", "fifo", "fifo"),
-        (4, str(tmp_path / "gone.txt"), "ann", "gone", "gone.txt"),
-        (5, str(tmp_path / "medium.bin"), "ann", "medium", "medium.bin"),
+        (str(tmp_path / "a.txt"), "ann", "a", "a.txt"),
+        (str(tmp_path / "big.bin"), "ann", "big", "big.bin"),
+        (str(tmp_path / "fifo"), "ann", "fifo", "fifo"),
+        (str(tmp_path / "gone.txt"), "ann", "gone", "gone.txt"),
+        (str(tmp_path / "medium.bin"), "ann", "medium", "medium.bin"),
     ]
     with WorkerPool(1, preparer) as pool:
         pool.send(batch)
@@ -177,7 +184,7 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
 
     assert ok[0] == "ok"
     prepared = ok[1]
-    assert (prepared.params["id"], prepared.file_size) == (1, 5)
+    assert (prepared.params["id"], prepared.file_size) == (None, 5)  # ids come later
     assert prepared.fingerprint == recordformat.file_fingerprint(
         b"k" * 32, bytes.fromhex(prepared.sha256)
     )
@@ -250,3 +257,86 @@ def test_no_workers_on_one_core() -> None:
     argv = [sys.executable, "-c", script]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "0"
+
+
+def stamped(task: Task) -> tuple[str, int, float, bytes]:
+    """An answer of about 100 KB, with the time it was made."""
+    return ("ok-test", number(task), time.monotonic(), b"s" * 100_000)
+
+
+def test_workers_work_ahead_while_the_main_process_is_not_reading() -> None:
+    # The main process starts the workers before it has connected: they must
+    # not stop at what the socket buffers hold (a few answers of this size).
+    with WorkerPool(1, stamped) as pool:
+        for n in range(60):  # 60 messages, 6 MB of answers: under AHEAD_BYTES
+            pool.send(tasks(n, 1))
+        time.sleep(1.5)
+        reading = time.monotonic()
+        made = [answer[2] for _ in range(60) for answer in answers(pool)]
+    assert len(made) == 60
+    assert max(made) < reading
+
+
+def test_working_ahead_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from patient_cli import import_pool
+
+    monkeypatch.setattr(import_pool, "AHEAD_BYTES", 1_000_000)  # the fork inherits it
+    with WorkerPool(1, stamped) as pool:
+        for n in range(60):  # each batch is answered in one message
+            pool.send(tasks(n, 1))
+        time.sleep(1.5)
+        reading = time.monotonic()
+        made = [answer[2] for _ in range(60) for answer in answers(pool)]
+    # About 10 answers (1 MB) plus what the socket buffers hold were made
+    # before anyone read; the rest waited.
+    assert len(made) == 60
+    assert sum(1 for at in made if at < reading) < 40
+    assert max(made) > reading
+
+
+def test_settings_reach_the_workers_for_the_files_sent_after(tmp_path: Path) -> None:
+    keyring = Keyring([Fernet.generate_key()])
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    (tmp_path / "b.txt").write_bytes(b"other content")
+    task_a: Task = (str(tmp_path / "a.txt"), "ann", "a", "a.txt")
+    task_b: Task = (str(tmp_path / "b.txt"), "ann", "b", "b.txt")
+    key = b"f" * 32
+    with WorkerPool(1, SmallFilePreparer(keyring, None, dedupe=True)) as pool:
+        pool.send([task_a])
+        (before,) = answers(pool)
+        pool.send_settings(WorkerSettings(key, frozenset({5})))
+        pool.send([task_a, task_b])
+        maybe_stored, new = answers(pool)
+    # Before: sealed without a fingerprint (the main process adds it).
+    assert before[0] == "ok" and before[1].fingerprint is None
+    completed = recordformat.with_fingerprint(before[1], key, dedupe=True)
+    fingerprint = recordformat.file_fingerprint(key, hashlib.sha256(b"hello").digest())
+    assert completed.fingerprint == completed.params["dedupe_key"] == fingerprint
+    # After: a file of a stored size is only hashed; another is sealed with it.
+    assert maybe_stored == ("check", 5, fingerprint)
+    assert new[0] == "ok" and new[1].fingerprint == recordformat.file_fingerprint(
+        key, hashlib.sha256(b"other content").digest()
+    )
+
+
+def test_starting_an_import_does_not_import_psycopg() -> None:
+    # `import` forks its workers before psycopg is imported (about 0.2 s), so
+    # that they work while the main process imports it and connects.
+    script = (
+        "import sys\n"
+        "from patient_cli.config import load_settings\n"
+        "from patient_cli.importer import import_folder\n"
+        "from patient_cli.session import Session\n"
+        "session = Session(load_settings())\n"
+        "session.keyring\n"
+        "print('psycopg' in sys.modules)\n"
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nowhere",
+        "ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+    )
+    assert done.stdout.strip() == "False"

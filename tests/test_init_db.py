@@ -33,7 +33,12 @@ SEED_INSERT = """
 INSERT INTO patient_records (username, record_name, record_data, file_data, file_type, created_at)
 VALUES (%s, %s, %s, %s, %s, %s) RETURNING id"""
 
-ALL_MIGRATIONS = ["0001_seed_table", "0002_encrypted_records", "0003_audit_log"]
+ALL_MIGRATIONS = [
+    "0001_seed_table",
+    "0002_encrypted_records",
+    "0003_audit_log",
+    "0004_inline_small_chunks",
+]
 
 
 def query(db_url: str, text: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -47,7 +52,7 @@ def test_fresh_database(cli: Cli) -> None:
     assert out == {
         "message": "Schema upgraded",
         "applied": ALL_MIGRATIONS,
-        "schema_version": 3,
+        "schema_version": len(ALL_MIGRATIONS),
         "upgraded_seed_table": False,
         "legacy_rows": 0,
         "generated_key_file": None,
@@ -60,17 +65,27 @@ def test_init_db_is_idempotent(ready: Cli) -> None:
     assert (out["message"], out["applied"], out["schema_version"]) == (
         "Schema is up to date",
         [],
-        3,
+        len(ALL_MIGRATIONS),
     )
     assert [r["record_name"] for r in ready.json("list", "-u", "amy")["records"]] == ["kept"]
+
+
+def test_small_chunk_tokens_stay_in_the_chunk_table(ready: Cli, db_url: str) -> None:
+    # Migration 0004: tokens of up to a page are not moved out to TOAST.
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE oid = 'record_chunks'::regclass"
+        ).fetchone()
+    assert row is not None and "toast_tuple_target=8160" in (row[0] or [])
 
 
 def test_table_format_says_what_it_did_on_stderr(cli: Cli) -> None:
     first = cli("init-db", "--format", "table")
     assert first.exit_code == 0 and first.stdout == ""
-    assert stderr_line(first) == f"Applied: {', '.join(ALL_MIGRATIONS)}; schema version 3."
+    version = len(ALL_MIGRATIONS)
+    assert stderr_line(first) == f"Applied: {', '.join(ALL_MIGRATIONS)}; schema version {version}."
     again = cli("init-db", "--format", "table")
-    assert stderr_line(again) == "Applied: nothing (already current); schema version 3."
+    assert stderr_line(again) == f"Applied: nothing (already current); schema version {version}."
     assert cli("init-db", "--format", "table", "-q").stderr == ""
 
 
@@ -356,7 +371,8 @@ def test_concurrent_init_db_runs_both_succeed(
         outputs.append(json.loads(stdout))
     applied = sorted((o["applied"] for o in outputs), key=len)
     assert applied == [[], [], ALL_MIGRATIONS]
-    assert query(db_url, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,), (3,)]
+    versions = query(db_url, "SELECT version FROM schema_migrations ORDER BY 1")
+    assert versions == [(n,) for n in range(1, len(ALL_MIGRATIONS) + 1)]
     assert query(db_url, "SELECT count(*) FROM app_secrets") == [(2,)]
     expected = 3 if seed else 0
     assert len(cli.json("list", "--all")["records"]) == expected
