@@ -70,6 +70,8 @@ WHOLE_FILE_BYTES = 8 << 20
 # not yet read (it then waits): all of a 5,000-file import of 1-8 KB files
 # while the main process starts, and a bounded part of larger ones.
 AHEAD_BYTES = 16 << 20
+# Workers' scheduling priority, below the main process's (see _serve).
+WORKER_NICE = 5
 _LENGTH = struct.Struct(">Q")
 
 
@@ -240,6 +242,9 @@ class WorkerSettings:
 
 def _serve(sock: socket.socket, prepare: Prepare) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Below the main process and the server, which wait for no one: a worker
+    # takes the CPU they leave (it works ahead), never what they need.
+    os.nice(WORKER_NICE)
     # Tasks are read by a thread of their own, so the main process never waits
     # to send a batch while this worker waits to send it answers (each side
     # would wait for the other once both socket buffers were full). Answers
