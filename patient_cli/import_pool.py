@@ -342,6 +342,10 @@ def _take_tasks(
     try:
         while (tasks := _read(reader)) is not None:
             tasks_in.put(tasks)
+    except OSError:
+        # The main process went away without reading our last answers (it
+        # stopped on an error, or was killed): its socket was reset. The end.
+        pass
     finally:
         tasks_in.put(None)
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -715,6 +716,52 @@ def test_a_deadlock_met_while_giving_files_to_workers_loses_none(
     assert (summary.imported, summary.skipped, summary.failed) == (count, 0, 0)
     assert outcomes == sorted(f"f{n:05d}.txt" for n in range(count))
     assert count_rows(db_url, "SELECT count(DISTINCT id) FROM patient_records") == count
+
+
+@pytest.mark.parametrize(
+    ("setting", "code"),
+    [
+        ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nowhere"}, 6),
+        ({"DATABASE_URL": "this is = not a = dsn"}, 5),
+    ],
+    ids=["unreachable", "malformed"],
+)
+def test_a_database_error_after_the_workers_started_is_one_line(
+    ready: Cli, tmp_path: Path, db_url: str, setting: dict[str, str], code: int
+) -> None:
+    # The workers start on the files before the main process connects; when it
+    # then cannot, it stops them with their answers unread (their socket is
+    # reset): one line and the usual exit code, no traceback, no worker left.
+    files = {f"f{n:03d}.bin": os.urandom(50_000) for n in range(300)}
+    root = make_tree(tmp_path / "in", files)
+    done = subprocess.run(
+        cli_argv("import", str(root), "-u", "ann", "--workers", "2"),
+        env={**subprocess_env(), **setting},
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == code
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["code"] == code, lines[:5]
+    assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 0
+    # The workers are forks with the same command line: none outlives it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and processes_running(str(root)):
+        time.sleep(0.05)
+    assert not processes_running(str(root))
+
+
+def processes_running(marker: str) -> bool:
+    """Whether any process's command line contains `marker` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def test_a_failing_worker_stops_the_import_with_one_line(
