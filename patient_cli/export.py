@@ -72,7 +72,7 @@ def find_file_record(session: Session, record_id: int) -> FileRecord:
         if not legacy_has_file:
             raise NotFound(f"record {record_id} has no file")
         return FileRecord(rid, username, None, legacy_type, -1, None, 0, legacy=True)
-    meta = recordformat.open_meta(session.keyring, meta_token, rid)
+    meta = recordformat.open_meta(session.keyring, meta_token, rid, username)
     if file_size is None:
         raise NotFound(f"record {record_id} has no file")
     if meta.file_size != file_size:

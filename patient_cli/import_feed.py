@@ -8,6 +8,7 @@ workers read and encrypt while it does (see import_pool).
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ from patient_cli.inputs import check_record_name
 # that they hold only paths)...
 POOL_BATCH = 32
 AHEAD_FILES = 4096
-# ...and this many at the start, before the main process imports psycopg and
-# connects: about what the workers get through meanwhile (scanning them is on
-# the main process's way, about 8 µs a file).
+# ...and at the start, before the main process imports psycopg and connects,
+# this many files of at most this many bytes in all: about what the workers get
+# through meanwhile (scanning them is on the main process's way, about 8 µs a
+# file). What they seal then is sealed even if the database then says it is
+# stored already: a rerun over stored files encrypts no more than this.
 START_FILES = 2048
+START_BYTES = 32 << 20
 
 
 def file_names(
@@ -84,7 +88,7 @@ class WorkerFeed:
         pool = WorkerPool(workers, prepare)
         try:
             feed = cls(pool, request)
-            feed._send_ahead(START_FILES)
+            feed._send_ahead(START_FILES, START_BYTES)
         except BaseException:
             pool.close()
             raise
@@ -143,13 +147,19 @@ class WorkerFeed:
             assert batch.answered == len(entries)
             self._sent.popleft()
 
-    def _send_ahead(self, files: int = AHEAD_FILES) -> None:
+    def _send_ahead(self, files: int = AHEAD_FILES, max_bytes: int | None = None) -> None:
+        sent_bytes = 0
         while len(self._sent) < files // POOL_BATCH:
+            if max_bytes is not None and sent_bytes >= max_bytes:
+                return
             gathered = list(itertools.islice(self._items, POOL_BATCH))
             if not gathered:
                 return
             batch = [self._entry(item) for item in gathered]
-            self.pool.send([entry[3] for entry in batch if entry[3] is not None])
+            tasks = [entry[3] for entry in batch if entry[3] is not None]
+            if max_bytes is not None:
+                sent_bytes += sum(_size(task[0]) for task in tasks)
+            self.pool.send(tasks)
             self._sent.append(_SentBatch(batch))
 
     def _entry(self, item: scan.ScanItem) -> Entry:
@@ -161,3 +171,11 @@ class WorkerFeed:
             assert username is not None
             task = (item.path, username, name, item.name)
         return (item, username, name, task, failure)
+
+
+def _size(path: str) -> int:
+    """A file's size, or 0 if it cannot be had (its worker will report why)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0

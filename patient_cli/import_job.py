@@ -426,7 +426,8 @@ class _ImportJob:
         self, item: scan.ScanItem, username: str, prepared: recordformat.PreparedRecord
     ) -> None:
         size = prepared.file_size or 0
-        prepared.params["id"] = self._next_id()  # ids go in scan order, as rows do
+        # Ids go in scan order, as rows do; the metadata names its record.
+        recordformat.assign_id(prepared, self.keyring, self._next_id())
         outcome = FileOutcome(item.shown, "imported", username, size)
         self._add(outcome)
         self.pending.append((outcome, prepared))

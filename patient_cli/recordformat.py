@@ -4,17 +4,20 @@ No database here (and no psycopg import), so `import`'s worker processes can
 use it before the main process has connected.
 
 A record's metadata (name, note, file name, MIME type, size, SHA-256) is one
-Fernet token over JSON. Its file is cut into 1 MiB chunks, each one token whose
-plaintext starts with (binding, sequence number), so a chunk moved, swapped or
-dropped is detected on read. The binding is either the record's id (files
-streamed once their record exists, and converted legacy rows) or, from
-metadata version 2, a random 63-bit tag kept inside the record's encrypted
-metadata (files encrypted before their record has an id: `add`'s and
-`import`'s whole files, which workers seal while the main process connects).
+Fernet token over JSON. From metadata version 2 it also names the record it
+belongs to (username and id), checked on every read, so a record's rows copied
+or moved to another record are detected. Its file is cut into 1 MiB chunks,
+each one token whose plaintext starts with (binding, sequence number), so a
+chunk moved, swapped or dropped is detected on read. The binding is either the
+record's id (files streamed once their record exists, and converted legacy
+rows) or a random 63-bit tag kept in the record's metadata (whole files
+encrypted before their record has an id: `import`'s workers seal them while
+the main process connects, and the metadata is sealed once the id is known).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,13 +25,14 @@ import struct
 from dataclasses import dataclass
 
 from patient_cli.crypto import Keyring, keyed_digest, token_capacity
-from patient_cli.errors import IntegrityFailed
+from patient_cli.errors import DecryptionFailed, IntegrityFailed
 
 CHUNK_SIZE = 1 << 20
 CHUNK_HEADER = struct.Struct(">qI")  # binding (record id or tag), sequence number
-# 1: chunks bound to the record id. 2: bound to the metadata's random "tag".
-META_VERSION = 1
-META_VERSION_TAGGED = 2
+# 1: chunks bound to the record id, the metadata to nothing. 2: the metadata
+# names its record ("id", "user"); chunks are bound to its "tag" when it has one.
+META_VERSION = 2
+_READABLE_META_VERSIONS = (1, 2)
 _META_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps makes one per call
 
 
@@ -63,8 +67,9 @@ class RecordMeta:
 class PreparedRecord:
     """A record and its file's chunks (if any), encrypted and ready to insert.
 
-    `params["id"]` is set by whoever assigns the record its id (the chunks do
-    not depend on it); `fingerprint` is None until the fingerprint key is known.
+    Prepared without an id (by import's workers), `params["id"]` and
+    `params["meta"]` are None until `assign_id` (the chunks do not depend on
+    the id); `fingerprint` is None until the fingerprint key is known.
     """
 
     params: dict[str, object]
@@ -72,6 +77,9 @@ class PreparedRecord:
     file_size: int | None
     sha256: str | None
     fingerprint: bytes | None = None
+    # What the metadata token will hold, while it waits for the record's id.
+    content: RecordContent | None = None
+    chunk_tag: int | None = None
 
 
 # -- metadata ----------------------------------------------------------------
@@ -80,12 +88,15 @@ class PreparedRecord:
 def seal_meta(
     keyring: Keyring,
     content: RecordContent,
+    record_id: int,
     file_size: int | None,
     sha256: str | None,
     chunk_tag: int | None = None,
 ) -> bytes:
     meta: dict[str, object] = {
-        "v": META_VERSION if chunk_tag is None else META_VERSION_TAGGED,
+        "v": META_VERSION,
+        "id": record_id,
+        "user": content.username,
         "name": content.record_name,
         "data": content.record_data,
         "file_name": content.file_name,
@@ -98,8 +109,19 @@ def seal_meta(
     return keyring.encrypt(_META_JSON.encode(meta).encode("utf-8"))
 
 
-def open_meta(keyring: Keyring, token: bytes | memoryview, record_id: int) -> RecordMeta:
+def open_meta(
+    keyring: Keyring, token: bytes | memoryview, record_id: int, username: str
+) -> RecordMeta:
+    """A record's decrypted metadata, checked to be this record's (version 2)."""
     raw = json.loads(keyring.decrypt(token, what=f"record {record_id}"))
+    version = raw.get("v", 1)
+    if version not in _READABLE_META_VERSIONS:
+        raise DecryptionFailed(
+            f"record {record_id} was written by a newer patient-records "
+            f"(metadata version {version}): upgrade to read it"
+        )
+    if version >= 2 and (raw.get("id") != record_id or raw.get("user") != username):
+        raise IntegrityFailed(f"record {record_id}: its metadata belongs to another record")
     return RecordMeta(
         record_name=raw["name"],
         record_data=raw.get("data"),
@@ -176,8 +198,9 @@ def prepare_small(
     one chunk for `add`, of a few for `import`'s workers (import_pool).
 
     The chunks are bound to a random tag kept in the metadata, so they can be
-    sealed before the record has an id (`record_id` None: set params["id"]
-    later); without `fingerprint_key` the fingerprint is left to the caller.
+    sealed before the record has an id; with `record_id` None the metadata
+    waits for `assign_id`. Without `fingerprint_key` the fingerprint is left
+    to `with_fingerprint`.
     """
     size = sha = fingerprint = tag = None
     chunks: tuple[bytes, ...] = ()
@@ -196,9 +219,9 @@ def prepare_small(
                     for seq, start in enumerate(range(0, len(view), CHUNK_SIZE))
                 )
     params: dict[str, object] = {
-        "id": record_id,
+        "id": None,
         "username": content.username,
-        "meta": seal_meta(keyring, content, size, sha, tag),
+        "meta": None,
         "key_id": keyring.primary_id,
         "file_size": size,
         "chunk_count": len(chunks) if file_bytes is not None else None,
@@ -207,7 +230,24 @@ def prepare_small(
     }
     if len(chunks) == 1:
         params["chunk"] = chunks[0]
-    return PreparedRecord(params, chunks, size, sha, fingerprint)
+    prepared = PreparedRecord(params, chunks, size, sha, fingerprint, content, tag)
+    if record_id is not None:
+        assign_id(prepared, keyring, record_id)
+    return prepared
+
+
+def assign_id(prepared: PreparedRecord, keyring: Keyring, record_id: int) -> None:
+    """Give a prepared record its id, and seal its metadata, which names it."""
+    assert prepared.content is not None, "prepared without its content"
+    prepared.params["id"] = record_id
+    prepared.params["meta"] = seal_meta(
+        keyring,
+        prepared.content,
+        record_id,
+        prepared.file_size,
+        prepared.sha256,
+        prepared.chunk_tag,
+    )
 
 
 def with_fingerprint(
@@ -219,6 +259,4 @@ def with_fingerprint(
     fingerprint = file_fingerprint(fingerprint_key, bytes.fromhex(prepared.sha256))
     prepared.params["fingerprint"] = fingerprint
     prepared.params["dedupe_key"] = fingerprint if dedupe else None
-    return PreparedRecord(
-        prepared.params, prepared.chunks, prepared.file_size, prepared.sha256, fingerprint
-    )
+    return dataclasses.replace(prepared, fingerprint=fingerprint)

@@ -210,7 +210,7 @@ def _summary(keyring: Any, row: tuple[Any, ...]) -> RecordSummary:
             legacy_size,
             created_at,
         )
-    meta = recordformat.open_meta(keyring, meta_token, record_id)
+    meta = recordformat.open_meta(keyring, meta_token, record_id, username)
     return RecordSummary(
         record_id,
         username,

@@ -376,7 +376,7 @@ class _Rotator:
             cur.execute(
                 sql.CONVERT_LEGACY_RECORD,
                 {
-                    "meta": recordformat.seal_meta(self.keyring, content, size, sha),
+                    "meta": recordformat.seal_meta(self.keyring, content, record_id, size, sha),
                     "key_id": self.primary,
                     "file_size": size,
                     "chunk_count": chunk_count,

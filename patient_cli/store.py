@@ -175,7 +175,7 @@ def store_streamed(
                 (
                     record_id,
                     content.username,
-                    seal_meta(keyring, content, None, None),
+                    seal_meta(keyring, content, record_id, None, None),
                     keyring.primary_id,
                 ),
             )
@@ -197,7 +197,7 @@ def store_streamed(
             cur.execute(
                 sql.FINISH_RECORD,
                 {
-                    "meta": seal_meta(keyring, content, size, digest.hex()),
+                    "meta": seal_meta(keyring, content, record_id, size, digest.hex()),
                     "file_size": size,
                     "chunk_count": seq,
                     "fingerprint": fingerprint,

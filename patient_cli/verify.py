@@ -175,7 +175,7 @@ class _Verifier:
         chunk_count: int | None,
     ) -> int:
         try:
-            meta = recordformat.open_meta(self.keyring, meta_token, record_id)
+            meta = recordformat.open_meta(self.keyring, meta_token, record_id, username)
         except (ValueError, KeyError, TypeError):
             raise IntegrityFailed(f"record {record_id}: metadata is malformed") from None
         if meta.file_size != file_size:

@@ -277,15 +277,36 @@ def test_rerun_skips_stored_content_and_duplicates_within_a_run(
     assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 6
 
 
+@pytest.mark.parametrize("start", ["sealed-early", "sent-after-connecting"])
 def test_a_rerun_hashes_files_of_stored_sizes_and_reads_changed_ones_again(
-    ready: Cli, tmp_path: Path, db_url: str, workers: str
+    ready: Cli,
+    tmp_path: Path,
+    db_url: str,
+    workers: str,
+    start: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # On a rerun the workers only hash files of a size already stored; one that
-    # turns out new (same size, other content) is read again and stored.
+    # On a rerun the workers only hash files of a size already stored (once the
+    # database has told them the sizes: files they sealed before that are
+    # checked by the main process); one that turns out new (same size, other
+    # content) is read again and stored.
+    from patient_cli import import_feed, import_job
+
+    if start == "sent-after-connecting":
+        monkeypatch.setattr(import_feed, "START_FILES", 0)
     root = make_tree(tmp_path / "in", {"a.txt": b"aaaa", "m.bin": os.urandom(3 << 20)})
     code, first, _ = run_import(ready, str(root), "-u", "ann", "--workers", workers)
     assert (code, first["imported"]) == (0, 2)
     make_tree(root, {"b.txt": b"bbbb", "c.txt": b"a new size", "n.bin": os.urandom(3 << 20)})
+    read_again: list[str] = []
+    read_whole = import_job._ImportJob._read_whole
+
+    def note_rereads(job: Any, item: Any, *args: Any) -> None:
+        if args[-1] == job._take_small:  # a file a worker only hashed, read here
+            read_again.append(item.name)
+        read_whole(job, item, *args)
+
+    monkeypatch.setattr(import_job._ImportJob, "_read_whole", note_rereads)
 
     result = ready("import", str(root), "-u", "ann", "--workers", workers, "--format", "ndjson")
 
@@ -297,6 +318,8 @@ def test_a_rerun_hashes_files_of_stored_sizes_and_reads_changed_ones_again(
         ("m.bin", "skipped"),
         ("n.bin", "imported"),
     ]
+    hashed_only = workers != "0" and start == "sent-after-connecting"
+    assert read_again == (["b.txt", "n.bin"] if hashed_only else [])
     stored = {r["file_name"]: r["id"] for r in records(ready, "ann")}
     assert exported(ready, stored["b.txt"], tmp_path) == b"bbbb"
     assert exported(ready, stored["n.bin"], tmp_path) == (root / "n.bin").read_bytes()
@@ -517,14 +540,18 @@ def test_a_file_that_vanishes_before_it_is_read_is_a_failure(ready: Cli, tmp_pat
 
 
 def test_a_file_that_vanishes_before_a_worker_reads_it_is_a_failure(
-    ready: Cli, tmp_path: Path
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from patient_cli import import_feed
     from patient_cli.config import load_settings
     from patient_cli.importer import Failure, ImportRequest, import_folder
     from patient_cli.session import Session
 
     # Workers get files a few batches ahead of the one being taken in, so the
-    # last of 600 is still unread when the first file's outcome is reported.
+    # last of 600 is still unread when the first file's outcome is reported
+    # (with none sent before connecting, and 64 in flight).
+    monkeypatch.setattr(import_feed, "START_FILES", 0)
+    monkeypatch.setattr(import_feed, "AHEAD_FILES", 64)
     root = make_tree(tmp_path / "in", {f"f{n:03d}.txt": b"%d" % n for n in range(600)})
     last = root / "f599.txt"
 

@@ -188,7 +188,9 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     assert prepared.fingerprint == recordformat.file_fingerprint(
         b"k" * 32, bytes.fromhex(prepared.sha256)
     )
-    meta = recordformat.open_meta(keyring, prepared.params["meta"], 1)
+    assert prepared.params["meta"] is None  # it names the record: sealed with the id
+    recordformat.assign_id(prepared, keyring, 1)
+    meta = recordformat.open_meta(keyring, prepared.params["meta"], 1, "ann")
     assert (meta.record_name, meta.record_data, meta.file_name) == ("a", "a note", "a.txt")
     binding = meta.chunk_binding(1)
     assert recordformat.open_chunk(keyring, prepared.chunks[0], 1, 0, binding) == b"hello"
@@ -199,7 +201,8 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     assert whole[0] == "ok"
     chunks = whole[1].chunks
     assert (len(chunks), whole[1].params["chunk_count"]) == (3, 3)
-    binding = recordformat.open_meta(keyring, whole[1].params["meta"], 5).chunk_binding(5)
+    recordformat.assign_id(whole[1], keyring, 5)
+    binding = recordformat.open_meta(keyring, whole[1].params["meta"], 5, "ann").chunk_binding(5)
     opened = b"".join(
         recordformat.open_chunk(keyring, token, 5, seq, binding) for seq, token in enumerate(chunks)
     )
@@ -340,3 +343,35 @@ def test_starting_an_import_does_not_import_psycopg() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
     )
     assert done.stdout.strip() == "False"
+
+
+def test_the_start_is_bounded_by_files_and_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before the main process connects, the workers get a few files of at most
+    # START_BYTES in all: a rerun over stored files seals no more than that.
+    from patient_cli import import_feed
+    from patient_cli.import_request import ImportRequest
+
+    for n in range(10):
+        (tmp_path / f"f{n}.bin").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(import_feed, "POOL_BATCH", 1)
+    monkeypatch.setattr(import_feed, "START_BYTES", 2500)
+    feed = import_feed.WorkerFeed.start(1, echo_path, ImportRequest(tmp_path, username="ann"))
+    try:
+        assert feed.pool.in_flight == 3  # 1000 + 1000 + 1000 bytes reach 2500
+        monkeypatch.setattr(import_feed, "START_BYTES", 10**9)
+        monkeypatch.setattr(import_feed, "START_FILES", 4)
+        assert [feed.next_done() is not None for _ in range(10)] == [True] * 10
+        assert feed.next_done() is None
+    finally:
+        feed.close()
+    small = import_feed.WorkerFeed.start(1, echo_path, ImportRequest(tmp_path, username="ann"))
+    try:
+        assert small.pool.in_flight == 4  # START_FILES
+    finally:
+        small.close()
+
+
+def echo_path(task: Task) -> tuple[str, str]:
+    return ("ok-test", task[0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from conftest import Cli
 from patient_cli import export, recordformat, store
 from patient_cli.config import load_settings
 from patient_cli.crypto import Keyring
-from patient_cli.errors import IntegrityFailed, UsageError
+from patient_cli.errors import DecryptionFailed, IntegrityFailed, UsageError
 from patient_cli.recordformat import CHUNK_SIZE, RecordContent
 from patient_cli.records import AddRequest, add_record
 from patient_cli.session import Session
@@ -143,9 +144,35 @@ def test_pieces_are_full_chunks_but_the_last() -> None:
 
 def test_metadata_round_trip() -> None:
     content = RecordContent("u", "Name ✓", "data\x00", "f.pdf", "application/pdf")
-    token = recordformat.seal_meta(KEYRING, content, 12, "ab" * 32)
-    assert recordformat.open_meta(KEYRING, token, 1) == recordformat.RecordMeta(
+    token = recordformat.seal_meta(KEYRING, content, 1, 12, "ab" * 32)
+    assert recordformat.open_meta(KEYRING, token, 1, "u") == recordformat.RecordMeta(
         "Name ✓", "data\x00", "f.pdf", "application/pdf", 12, "ab" * 32
+    )
+
+
+@pytest.mark.parametrize(("record_id", "username"), [(2, "u"), (1, "v")])
+def test_metadata_names_its_record(record_id: int, username: str) -> None:
+    # A record's rows copied or moved to another id or user are detected.
+    token = recordformat.seal_meta(KEYRING, RecordContent("u", "n"), 1, None, None)
+    with pytest.raises(IntegrityFailed) as caught:
+        recordformat.open_meta(KEYRING, token, record_id, username)
+    assert caught.value.message == f"record {record_id}: its metadata belongs to another record"
+
+
+def test_metadata_of_version_1_names_no_record() -> None:
+    # As written before version 2 (and still read): no id, no user, no tag.
+    old = {"v": 1, "name": "n", "data": None, "file_name": None, "mime": None}
+    token = KEYRING.encrypt(json.dumps({**old, "size": None, "sha256": None}).encode())
+    meta = recordformat.open_meta(KEYRING, token, 7, "anyone")
+    assert (meta.record_name, meta.chunk_tag, meta.chunk_binding(7)) == ("n", None, 7)
+
+
+def test_metadata_of_a_newer_version_is_refused_as_such() -> None:
+    token = KEYRING.encrypt(json.dumps({"v": 3, "name": "n"}).encode())
+    with pytest.raises(DecryptionFailed) as caught:
+        recordformat.open_meta(KEYRING, token, 7, "u")
+    assert caught.value.message == (
+        "record 7 was written by a newer patient-records (metadata version 3): upgrade to read it"
     )
 
 
@@ -181,12 +208,14 @@ def test_open_chunk_checks_a_tagged_chunk_against_its_tag(binding: int | None, s
 def test_a_tagged_record_keeps_its_tag_in_the_metadata() -> None:
     content = RecordContent("ann", "scan", None, "a.bin", "application/octet-stream")
     prepared = recordformat.prepare_small(KEYRING, None, None, content, b"x" * 10)
-    meta = recordformat.open_meta(KEYRING, prepared.params["meta"], 5)  # type: ignore[arg-type]
+    assert prepared.params["id"] is None and prepared.params["meta"] is None
+    recordformat.assign_id(prepared, KEYRING, 5)
+    meta = recordformat.open_meta(KEYRING, prepared.params["meta"], 5, "ann")  # type: ignore[arg-type]
     assert meta.chunk_tag is not None and meta.chunk_binding(5) == meta.chunk_tag
     assert recordformat.open_chunk(KEYRING, prepared.chunks[0], 5, 0, meta.chunk_tag) == b"x" * 10
     with pytest.raises(IntegrityFailed):
         recordformat.open_chunk(KEYRING, prepared.chunks[0], 5, 0)  # not bound to the id
-    assert prepared.params["id"] is None and prepared.fingerprint is None
+    assert prepared.params["id"] == 5 and prepared.fingerprint is None
     assert recordformat.prepare_small(KEYRING, None, None, content, b"").chunks == ()
 
 

@@ -200,6 +200,33 @@ def test_a_chunk_moved_from_another_file_is_caught(
     ]
 
 
+@pytest.mark.parametrize("which", ["small", "nofile", "big"])
+def test_a_record_copied_whole_under_another_id_is_caught(
+    ready: Cli, records: dict[str, int], db_url: str, which: str
+) -> None:
+    # Its metadata and every chunk, as they are: the metadata names its record.
+    source = records[which]
+    with psycopg.connect(db_url) as conn:
+        copy_id = conn.execute("SELECT max(id) + 100 FROM patient_records").fetchone()[0]
+        conn.execute(
+            "INSERT INTO patient_records (id, username, created_at, meta, key_id, file_size,"
+            " chunk_count) SELECT %s, username, created_at, meta, key_id, file_size, chunk_count"
+            " FROM patient_records WHERE id = %s",
+            (copy_id, source),
+        )
+        conn.execute(
+            "INSERT INTO record_chunks (username, record_id, seq, key_id, token)"
+            " SELECT username, %s, seq, key_id, token FROM record_chunks WHERE record_id = %s",
+            (copy_id, source),
+        )
+    report, _ = failed(ready)
+    assert [(f["id"], f["error"]) for f in report["failures"]] == [
+        (copy_id, f"record {copy_id}: its metadata belongs to another record")
+    ]
+    result = ready("export-file", str(copy_id), "-o", "copy.bin")
+    assert result.exit_code == 7, result.stderr
+
+
 def test_a_stray_chunk_on_a_record_without_a_file_is_caught(
     ready: Cli, records: dict[str, int], db_url: str
 ) -> None:
