@@ -14,6 +14,7 @@ import goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -159,6 +160,7 @@ class _ImportJob:
         self.pending_bytes = 0
         # The batch being sent by a background thread, and what came of it.
         self.flushing: threading.Thread | None = None
+        self.flush_done = threading.Event()  # set when the thread's batch is done
         self.flushed: _Flushed | None = None
         self.flush_error: BaseException | None = None
         self.free_ids: list[int] = []
@@ -567,6 +569,8 @@ class _ImportJob:
             self._reserve_ids()
         reserve = len(self.free_ids) < 2 * ID_BLOCK
 
+        done = threading.Event()
+
         def send() -> None:
             try:
                 results = self._insert_batch(pending)
@@ -574,7 +578,10 @@ class _ImportJob:
                 self.flushed = (pending, results, ids)
             except BaseException as exc:  # re-raised by _finish_flush
                 self.flush_error = exc
+            finally:
+                done.set()
 
+        self.flush_done = done
         self.flushing = threading.Thread(target=send, name="import-flush", daemon=True)
         self.flushing.start()
 
@@ -582,7 +589,8 @@ class _ImportJob:
         """Wait for the background batch, if any, and take in its results."""
         if self.flushing is None:
             return
-        self.flushing.join()
+        self.flush_done.wait()  # if interrupted, _stop_background_flush waits
+        self.flushing.join()  # it has finished: at once
         self.flushing = None
         error, self.flush_error = self.flush_error, None
         if error is not None:
@@ -596,12 +604,30 @@ class _ImportJob:
 
     def _stop_background_flush(self) -> None:
         """Never end the transaction while a batch is being sent; after an error
-        its outcome no longer matters (the transaction rolls back)."""
-        if self.flushing is not None:
-            self.flushing.join()
-            self.flushing = None
-            self.flushed = None
-            self.flush_error = None
+        its outcome no longer matters (the transaction rolls back).
+
+        Waits on the thread's own event, not Thread.join: a join interrupted by
+        Ctrl-C can leave the thread marked as stopped while it still runs
+        (CPython 3.11), and the transaction would then end under its COPY. An
+        interruption while waiting here cancels the batch on the server (so the
+        wait is short) and is raised once the thread is done.
+        """
+        if self.flushing is None:
+            return
+        interrupted: BaseException | None = None
+        while not self.flush_done.is_set():
+            try:
+                self.flush_done.wait()
+            except BaseException as exc:  # Ctrl-C, SIGTERM: first let the thread end
+                interrupted = interrupted or exc
+                with contextlib.suppress(Exception):
+                    self.conn.cancel_safe()
+        self.flushing.join()
+        self.flushing = None
+        self.flushed = None
+        self.flush_error = None
+        if interrupted is not None:
+            raise interrupted
 
     def _insert_batch(self, pending: list[_Pending]) -> list[store.StoredRecord | None]:
         """Insert by COPY; if that fails (a duplicate, or a row the database

@@ -539,6 +539,39 @@ def test_a_file_that_vanishes_before_it_is_read_is_a_failure(ready: Cli, tmp_pat
     ]
 
 
+def test_ctrl_c_while_a_batch_is_being_sent_ends_cleanly(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two Ctrl-Cs while the background thread is inside its COPY: the import
+    # waits for the thread before it rolls back (ending the transaction under
+    # it gave "internal error: OutOfOrderTransactionNesting"), then stops.
+    from patient_cli import store
+    from patient_cli.config import load_settings
+    from patient_cli.importer import ImportRequest, import_folder
+    from patient_cli.session import Session
+
+    root = make_tree(tmp_path / "in", {f"f{n:04d}.txt": b"n %d" % n for n in range(1200)})
+    copy = store.copy_prepared
+    signals: list[threading.Timer] = []
+
+    def slow_copy(conn: Any, batch: Any) -> Any:
+        if not signals:
+            for delay in (0.2, 0.5):
+                signals.append(threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)))
+                signals[-1].start()
+        time.sleep(1.0)
+        return copy(conn, batch)
+
+    monkeypatch.setattr(store, "copy_prepared", slow_copy)
+    with Session(load_settings()) as session:
+        with pytest.raises(KeyboardInterrupt):
+            import_folder(session, ImportRequest(root, username="ann", workers=0))
+        assert not [t for t in threading.enumerate() if t.name == "import-flush"]
+    for timer in signals:
+        timer.join()
+    assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 0
+
+
 def test_a_file_that_vanishes_before_a_worker_reads_it_is_a_failure(
     ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
