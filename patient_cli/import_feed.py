@@ -148,18 +148,23 @@ class WorkerFeed:
             self._sent.popleft()
 
     def _send_ahead(self, files: int = AHEAD_FILES, max_bytes: int | None = None) -> None:
+        """Send batches until `files` are in flight, or (when given) files of
+        `max_bytes` in all have been sent (checked file by file)."""
         sent_bytes = 0
         while len(self._sent) < files // POOL_BATCH:
             if max_bytes is not None and sent_bytes >= max_bytes:
                 return
-            gathered = list(itertools.islice(self._items, POOL_BATCH))
-            if not gathered:
+            batch: list[Entry] = []
+            while len(batch) < POOL_BATCH and (max_bytes is None or sent_bytes < max_bytes):
+                item = next(self._items, None)
+                if item is None:
+                    break
+                batch.append(self._entry(item))
+                if max_bytes is not None and batch[-1][3] is not None:
+                    sent_bytes += _size(item.path)
+            if not batch:
                 return
-            batch = [self._entry(item) for item in gathered]
-            tasks = [entry[3] for entry in batch if entry[3] is not None]
-            if max_bytes is not None:
-                sent_bytes += sum(_size(task[0]) for task in tasks)
-            self.pool.send(tasks)
+            self.pool.send([entry[3] for entry in batch if entry[3] is not None])
             self._sent.append(_SentBatch(batch))
 
     def _entry(self, item: scan.ScanItem) -> Entry:

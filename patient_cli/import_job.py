@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +76,11 @@ CHECK_BYTES = 8 << 20
 # RETRY_PAUSE seconds times the attempt number) so that they fall out of step.
 UNIT_ATTEMPTS = 5
 RETRY_PAUSE = 0.2
+# Interrupted while a batch is being sent: cancel its statement (waiting up to
+# this long for the server to take the request), and at this many
+# interruptions give up waiting for it (see _stop_background_flush).
+CANCEL_SECONDS = 5.0
+FORCE_QUIT_INTERRUPTS = 3
 # Failure code besides those of `scan` and `import_pool`.
 DATABASE_REJECTED = "database_rejected"
 # Per-file database errors: the file's data was refused; the next file may be fine.
@@ -87,6 +93,7 @@ def run_import(
     feed: WorkerFeed | None,
     on_outcome: OutcomeCallback | None = None,
     on_bytes: BytesCallback | None = None,
+    on_force_quit: Callable[[], None] | None = None,
 ) -> ImportSummary:
     """Import every file under `request.root` (checked), taking small files
     from `feed` when there are workers; see the module docstring."""
@@ -94,6 +101,7 @@ def run_import(
     with translate_db_errors(), audited(session, run_event):
         session.load_secrets()
         job = _ImportJob(session, request, session.keyring, run_event, on_outcome, on_bytes)
+        job.on_force_quit = on_force_quit
         if feed is not None:
             job.feed = feed
             sizes: frozenset[int] = frozenset()
@@ -149,6 +157,7 @@ class _ImportJob:
         self.run_event = run_event
         self.on_outcome = on_outcome
         self.on_bytes = on_bytes
+        self.on_force_quit: Callable[[], None] | None = None
         self.summary = ImportSummary(dry_run=request.dry_run)
         self.audited_once = False
         # This unit of work (one transaction): outcomes in scan order, and the
@@ -581,9 +590,10 @@ class _ImportJob:
             finally:
                 done.set()
 
+        thread = threading.Thread(target=send, name="import-flush", daemon=True)
         self.flush_done = done
-        self.flushing = threading.Thread(target=send, name="import-flush", daemon=True)
-        self.flushing.start()
+        self.flushing = thread
+        thread.start()  # if this fails, _stop_background_flush sees it never started
 
     def _finish_flush(self) -> None:
         """Wait for the background batch, if any, and take in its results."""
@@ -609,20 +619,38 @@ class _ImportJob:
         Waits on the thread's own event, not Thread.join: a join interrupted by
         Ctrl-C can leave the thread marked as stopped while it still runs
         (CPython 3.11), and the transaction would then end under its COPY. An
-        interruption while waiting here cancels the batch on the server (so the
-        wait is short) and is raised once the thread is done.
+        interruption while waiting here is raised once the thread is done; the
+        batch's statement is cancelled on the server, so the wait is short. A
+        thread stuck on a server that no longer answers cannot be cancelled:
+        at the FORCE_QUIT_INTERRUPTS-th interruption `on_force_quit` (the CLI
+        exits at once; the server rolls back what was not committed).
         """
-        if self.flushing is None:
+        thread = self.flushing
+        if thread is None:
             return
         interrupted: BaseException | None = None
-        while not self.flush_done.is_set():
+        # Called from a `finally`: an interruption that is unwinding the unit
+        # (Ctrl-C, SIGTERM; not an error) counts as the first.
+        unwinding = sys.exc_info()[1]
+        interrupts = 0 if unwinding is None or isinstance(unwinding, Exception) else 1
+        # Still sending: the unit is being abandoned (an error, Ctrl-C), so the
+        # batch's outcome no longer matters. Cancel it rather than wait.
+        cancel = not self.flush_done.is_set()
+        while not self.flush_done.is_set() and (thread.ident is not None or thread.is_alive()):
             try:
-                self.flush_done.wait()
+                if cancel:
+                    cancel = False
+                    with contextlib.suppress(Exception):
+                        self.conn.cancel_safe(timeout=CANCEL_SECONDS)
+                self.flush_done.wait(0.1)
             except BaseException as exc:  # Ctrl-C, SIGTERM: first let the thread end
                 interrupted = interrupted or exc
-                with contextlib.suppress(Exception):
-                    self.conn.cancel_safe()
-        self.flushing.join()
+                interrupts += 1
+                cancel = True
+                if interrupts >= FORCE_QUIT_INTERRUPTS and self.on_force_quit is not None:
+                    self.on_force_quit()
+        if thread.ident is not None:
+            thread.join()
         self.flushing = None
         self.flushed = None
         self.flush_error = None

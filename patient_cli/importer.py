@@ -11,6 +11,7 @@ reading and encryption instead of preceding it. The database side is
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from patient_cli.import_feed import WorkerFeed
 from patient_cli.import_pool import SmallFilePreparer, default_workers
@@ -47,8 +48,12 @@ def import_folder(
     request: ImportRequest,
     on_outcome: OutcomeCallback | None = None,
     on_bytes: BytesCallback | None = None,
+    on_force_quit: Callable[[], None] | None = None,
 ) -> ImportSummary:
-    """Import every file under `request.root`; see the module docstring and import_job."""
+    """Import every file under `request.root`; see the module docstring and import_job.
+
+    `on_force_quit` is called at the third interruption while a batch is being
+    sent to a server that does not answer (a CLI exits then; see import_job)."""
     started = time.monotonic()
     check_request(request)
     workers = request.workers if request.workers is not None else default_workers()
@@ -63,7 +68,7 @@ def import_folder(
     try:
         from patient_cli.import_job import run_import  # psycopg: while the workers work
 
-        summary = run_import(session, request, feed, on_outcome, on_bytes)
+        summary = run_import(session, request, feed, on_outcome, on_bytes, on_force_quit)
     finally:
         if feed is not None:
             feed.close()

@@ -114,13 +114,16 @@ def open_meta(
 ) -> RecordMeta:
     """A record's decrypted metadata, checked to be this record's (version 2)."""
     raw = json.loads(keyring.decrypt(token, what=f"record {record_id}"))
+    if not isinstance(raw, dict):
+        raise IntegrityFailed(f"record {record_id}: metadata is malformed")
     version = raw.get("v", 1)
     if version not in _READABLE_META_VERSIONS:
         raise DecryptionFailed(
             f"record {record_id} was written by a newer patient-records "
             f"(metadata version {version}): upgrade to read it"
         )
-    if version >= 2 and (raw.get("id") != record_id or raw.get("user") != username):
+    # (Version 2 without an id was written by development builds only.)
+    if "id" in raw and (raw["id"] != record_id or raw.get("user") != username):
         raise IntegrityFailed(f"record {record_id}: its metadata belongs to another record")
     return RecordMeta(
         record_name=raw["name"],
@@ -239,8 +242,7 @@ def prepare_small(
 def assign_id(prepared: PreparedRecord, keyring: Keyring, record_id: int) -> None:
     """Give a prepared record its id, and seal its metadata, which names it."""
     assert prepared.content is not None, "prepared without its content"
-    prepared.params["id"] = record_id
-    prepared.params["meta"] = seal_meta(
+    meta = seal_meta(
         keyring,
         prepared.content,
         record_id,
@@ -248,6 +250,8 @@ def assign_id(prepared: PreparedRecord, keyring: Keyring, record_id: int) -> Non
         prepared.sha256,
         prepared.chunk_tag,
     )
+    prepared.params["meta"] = meta
+    prepared.params["id"] = record_id
 
 
 def with_fingerprint(

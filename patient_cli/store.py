@@ -66,6 +66,7 @@ def insert_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[S
     on its own; the caller's transaction decides when they become visible. A
     batch holding a record of several chunks goes in one record at a time.
     """
+    _check_sealed(batch)
     if len(batch) == 1 or any(len(item.chunks) > 1 for item in batch):
         return [_insert_one(conn, item) for item in batch]
     cursors = []
@@ -106,6 +107,7 @@ def copy_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[Sto
     stored fails the whole batch with UniqueViolation. Run it in a savepoint and
     fall back to insert_prepared (which skips duplicates) when it raises.
     """
+    _check_sealed(batch)
     with conn.cursor() as cur:
         with cur.copy(sql.COPY_RECORDS) as copy:
             copy.set_types(sql.RECORD_COPY_TYPES)
@@ -138,6 +140,13 @@ def copy_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[Sto
         assert isinstance(record_id, int)
         stored.append(StoredRecord(record_id, row[0], item.file_size, item.sha256))
     return stored
+
+
+def _check_sealed(batch: Sequence[PreparedRecord]) -> None:
+    # A row without metadata would read as one of the original service's.
+    for item in batch:
+        if item.params["meta"] is None or item.params["id"] is None:
+            raise ValueError("a prepared record without its id and metadata")
 
 
 def _insert_statement(item: PreparedRecord) -> LiteralString:

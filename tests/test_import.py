@@ -539,37 +539,88 @@ def test_a_file_that_vanishes_before_it_is_read_is_a_failure(ready: Cli, tmp_pat
     ]
 
 
-def test_ctrl_c_while_a_batch_is_being_sent_ends_cleanly(
-    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Two Ctrl-Cs while the background thread is inside its COPY: the import
-    # waits for the thread before it rolls back (ending the transaction under
-    # it gave "internal error: OutOfOrderTransactionNesting"), then stops.
+def interrupted_import(
+    root: Path, monkeypatch: pytest.MonkeyPatch, stall: Any, interrupts: tuple[float, ...]
+) -> tuple[float, list[float]]:
+    """Run an in-process import whose first background batch calls `stall`
+    first, with Ctrl-C at each of `interrupts` seconds after that; how long it
+    took to stop, and when `on_force_quit` was called."""
     from patient_cli import store
     from patient_cli.config import load_settings
     from patient_cli.importer import ImportRequest, import_folder
     from patient_cli.session import Session
 
-    root = make_tree(tmp_path / "in", {f"f{n:04d}.txt": b"n %d" % n for n in range(1200)})
     copy = store.copy_prepared
     signals: list[threading.Timer] = []
 
-    def slow_copy(conn: Any, batch: Any) -> Any:
+    def stalled_copy(conn: Any, batch: Any) -> Any:
         if not signals:
-            for delay in (0.2, 0.5):
+            for delay in interrupts:
                 signals.append(threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)))
                 signals[-1].start()
-        time.sleep(1.0)
+            stall(conn)
         return copy(conn, batch)
 
-    monkeypatch.setattr(store, "copy_prepared", slow_copy)
+    monkeypatch.setattr(store, "copy_prepared", stalled_copy)
+    started = time.monotonic()
+    quits: list[float] = []
     with Session(load_settings()) as session:
         with pytest.raises(KeyboardInterrupt):
-            import_folder(session, ImportRequest(root, username="ann", workers=0))
+            import_folder(
+                session,
+                ImportRequest(root, username="ann", workers=0),
+                on_force_quit=lambda: quits.append(time.monotonic() - started),
+            )
         assert not [t for t in threading.enumerate() if t.name == "import-flush"]
     for timer in signals:
         timer.join()
+    return time.monotonic() - started, quits
+
+
+def test_ctrl_c_while_a_batch_is_being_sent_cancels_it(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while the background thread waits on the server: the import
+    # cancels that statement and waits for the thread before it rolls back
+    # (ending the transaction under it gave "internal error:
+    # OutOfOrderTransactionNesting"), then stops, well before the statement
+    # would have ended.
+    root = make_tree(tmp_path / "in", {f"f{n:04d}.txt": b"n %d" % n for n in range(1200)})
+    took, quits = interrupted_import(
+        root, monkeypatch, lambda conn: conn.execute("SELECT pg_sleep(30)"), (0.2,)
+    )
+    assert took < 15 and quits == []
     assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 0
+
+
+def test_ctrl_c_three_times_while_a_batch_is_stuck_calls_force_quit(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch that cannot be cancelled (here, stuck before its statement): the
+    # third Ctrl-C calls on_force_quit (the CLI exits there); the service
+    # itself still waits for the thread before it rolls back.
+    root = make_tree(tmp_path / "in", {f"f{n:04d}.txt": b"n %d" % n for n in range(1200)})
+    took, quits = interrupted_import(
+        root, monkeypatch, lambda conn: time.sleep(2.0), (0.2, 0.5, 0.8)
+    )
+    assert len(quits) == 1 and 0.7 < quits[0] < took
+    assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 0
+
+
+def test_force_quit_is_one_line_and_exit_130() -> None:
+    script = (
+        "import sys\n"
+        "from patient_cli.commands.importer import _force_quit\n"
+        "from patient_cli.output import Format, Messages\n"
+        "print('committed line')\n"
+        "_force_quit(Messages(False), Format.json)\n"
+        "print('never')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 130
+    assert done.stdout == b"committed line\n"  # flushed before the exit
+    (line,) = done.stderr.decode().splitlines()
+    assert json.loads(line)["type"] == "interrupted"
 
 
 def test_a_file_that_vanishes_before_a_worker_reads_it_is_a_failure(
@@ -738,6 +789,7 @@ def test_a_deadlock_between_two_imports_is_retried(ready: Cli, tmp_path: Path, d
     assert errors == []
     assert sorted((s.imported, s.skipped) for s in summaries) == [(0, 2), (2, 0)]
     assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 2
+    assert ready.json("verify")["ok"] is True  # each metadata names its record's final id
 
 
 def test_a_deadlock_met_while_giving_files_to_workers_loses_none(
@@ -776,6 +828,7 @@ def test_a_deadlock_met_while_giving_files_to_workers_loses_none(
     assert (summary.imported, summary.skipped, summary.failed) == (count, 0, 0)
     assert outcomes == sorted(f"f{n:05d}.txt" for n in range(count))
     assert count_rows(db_url, "SELECT count(DISTINCT id) FROM patient_records") == count
+    assert ready.json("verify")["ok"] is True  # re-sealed with the ids of the redo
 
 
 @pytest.mark.parametrize(

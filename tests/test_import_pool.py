@@ -355,20 +355,21 @@ def test_the_start_is_bounded_by_files_and_bytes(
 
     for n in range(10):
         (tmp_path / f"f{n}.bin").write_bytes(b"x" * 1000)
-    monkeypatch.setattr(import_feed, "POOL_BATCH", 1)
     monkeypatch.setattr(import_feed, "START_BYTES", 2500)
     feed = import_feed.WorkerFeed.start(1, echo_path, ImportRequest(tmp_path, username="ann"))
     try:
-        assert feed.pool.in_flight == 3  # 1000 + 1000 + 1000 bytes reach 2500
-        monkeypatch.setattr(import_feed, "START_BYTES", 10**9)
-        monkeypatch.setattr(import_feed, "START_FILES", 4)
+        # Counted file by file, inside a batch: 1000 + 1000 + 1000 reach 2500.
+        assert [len(batch.entries) for batch in feed._sent] == [3]
         assert [feed.next_done() is not None for _ in range(10)] == [True] * 10
         assert feed.next_done() is None
     finally:
         feed.close()
+    monkeypatch.setattr(import_feed, "START_BYTES", 10**9)
+    monkeypatch.setattr(import_feed, "POOL_BATCH", 2)
+    monkeypatch.setattr(import_feed, "START_FILES", 4)
     small = import_feed.WorkerFeed.start(1, echo_path, ImportRequest(tmp_path, username="ann"))
     try:
-        assert small.pool.in_flight == 4  # START_FILES
+        assert [len(batch.entries) for batch in small._sent] == [2, 2]  # START_FILES
     finally:
         small.close()
 

@@ -167,6 +167,21 @@ def test_metadata_of_version_1_names_no_record() -> None:
     assert (meta.record_name, meta.chunk_tag, meta.chunk_binding(7)) == ("n", None, 7)
 
 
+def test_metadata_that_is_not_an_object_is_malformed() -> None:
+    token = KEYRING.encrypt(b"[1, 2]")
+    with pytest.raises(IntegrityFailed, match=r"^record 7: metadata is malformed$"):
+        recordformat.open_meta(KEYRING, token, 7, "u")
+
+
+def test_a_record_without_its_metadata_is_never_stored(session: Session) -> None:
+    # A row without metadata would read as one of the original service's.
+    prepared = recordformat.prepare_small(KEYRING, None, None, RecordContent("u", "n"), b"x")
+    with pytest.raises(ValueError, match="without its id and metadata"):
+        store.insert_prepared(session.conn, [prepared])
+    with pytest.raises(ValueError, match="without its id and metadata"):
+        store.copy_prepared(session.conn, [prepared])
+
+
 def test_metadata_of_a_newer_version_is_refused_as_such() -> None:
     token = KEYRING.encrypt(json.dumps({"v": 3, "name": "n"}).encode())
     with pytest.raises(DecryptionFailed) as caught:

@@ -3,12 +3,14 @@ progress on a terminal, render the summary); the work is in patient_cli.importer
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -21,7 +23,7 @@ from patient_cli.cli_app import (
     open_session,
     run_command,
 )
-from patient_cli.errors import BatchIncomplete
+from patient_cli.errors import EXIT_INTERRUPTED, BatchIncomplete
 from patient_cli.output import Format, Messages, print_json, print_pairs, print_table
 
 if TYPE_CHECKING:
@@ -127,6 +129,7 @@ def import_(
                     request,
                     on_outcome=on_outcome,
                     on_bytes=progress.advance if progress is not None else None,
+                    on_force_quit=lambda: _force_quit(messages, out),
                 )
         finally:
             if progress is not None:
@@ -136,6 +139,23 @@ def import_(
             raise BatchIncomplete(f"{summary.failed} of {summary.files} files failed")
 
     run_command(fmt, quiet, body)
+
+
+def _force_quit(messages: Messages, out: Format) -> NoReturn:
+    """The third Ctrl-C while a batch is stuck on a server that does not answer:
+    stop now (the server rolls back what was not committed when the connection
+    goes), after the one error line and whatever output was already written."""
+    messages.error(
+        "interrupted; stopped without waiting for the database, "
+        "which rolls back what was not committed",
+        EXIT_INTERRUPTED,
+        out,
+        "interrupted",
+    )
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _outcome_printer(
