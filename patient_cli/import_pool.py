@@ -1,14 +1,15 @@
 """Reading and encrypting small files in worker processes, for `import`.
 
-Each small file costs about 80-100 µs of Python (open, read, hash, sniff, two
-tokens) besides the main process's own bookkeeping, and one core cannot go
-faster; cryptography and hashlib release the GIL but the rest does not. So
-`import` forks a few workers that read and encrypt small files, while the
-main process decides what to skip and sends the rows to PostgreSQL on its one
-connection, in one stream of transactions and audit events. A worker only
-turns a file into a `PreparedRecord` (with `recordformat.prepare_small`, the
-same function `add` uses); it never touches the database, and needs neither
-the record's id (its chunks are bound to a tag) nor psycopg.
+Each small file costs about 60-80 µs of Python in a worker (open, read, hash,
+sniff, the chunk's token) besides the main process's own bookkeeping, and one
+core cannot go faster; cryptography and hashlib release the GIL but the rest
+does not. So `import` forks a few workers that read and encrypt small files,
+while the main process decides what to skip, seals each record's metadata
+once it has an id, and sends the rows to PostgreSQL on its one connection, in
+one stream of transactions and audit events. A worker only turns a file into
+a `PreparedRecord` (with `recordformat.prepare_small`, the same function `add`
+uses); it never touches the database, and needs neither the record's id (its
+chunks are bound to a tag) nor psycopg.
 
 So the workers are forked before psycopg is even imported, and start on the
 first files while the main process imports it and connects (about 0.3 s, a
