@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from conftest import Cli, stderr_line
-from patient_cli.store import CHUNK_SIZE
+from patient_cli.recordformat import CHUNK_SIZE
 
 DOCX_MIME = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import Cli, stderr_line
 from patient_cli.crypto import Keyring, parse_keys
 from patient_cli.export import safe_file_name
-from patient_cli.store import CHUNK_SIZE
+from patient_cli.recordformat import CHUNK_SIZE
 
 CONTENT = b"%PDF-1.4\n" + bytes(range(256)) * 8
 

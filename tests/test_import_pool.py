@@ -190,7 +190,9 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     )
     assert prepared.params["meta"] is None  # it names the record: sealed with the id
     recordformat.assign_id(prepared, keyring, 1)
-    meta = recordformat.open_meta(keyring, prepared.params["meta"], 1, "ann")
+    token = prepared.params["meta"]
+    assert isinstance(token, bytes)
+    meta = recordformat.open_meta(keyring, token, 1, "ann")
     assert (meta.record_name, meta.record_data, meta.file_name) == ("a", "a note", "a.txt")
     binding = meta.chunk_binding(1)
     assert recordformat.open_chunk(keyring, prepared.chunks[0], 1, 0, binding) == b"hello"

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from conftest import Cli
-from patient_cli.store import CHUNK_SIZE
+from patient_cli.recordformat import CHUNK_SIZE
 
 NAME = "RecordName-Pangolin-7731"
 DATA = "RecordData-Okapi-4410 héllo wörld 🦓"

@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet
 
 from conftest import Cli, stderr_line
 from patient_cli.crypto import key_id
-from patient_cli.store import CHUNK_SIZE
+from patient_cli.recordformat import CHUNK_SIZE
 
 
 def new_key() -> str:
@@ -491,8 +491,8 @@ def test_converted_legacy_files_keep_fingerprints_valid_after_rotation(
     """The fingerprint HMAC key survives rotation, so what import compares stays valid."""
     from patient_cli.app_secrets import FINGERPRINT_KEY
     from patient_cli.config import load_settings
+    from patient_cli.recordformat import file_fingerprint
     from patient_cli.session import Session
-    from patient_cli.store import file_fingerprint
 
     ids = create_legacy_rows(db_url, fernet_key)
     cli.json("init-db")

@@ -13,7 +13,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from conftest import Cli, stderr_line
-from patient_cli.store import CHUNK_SIZE
+from patient_cli.recordformat import CHUNK_SIZE
 
 THREE_CHUNKS = bytes(range(256)) * (2 * CHUNK_SIZE // 256) + b"tail"
 
@@ -207,7 +207,9 @@ def test_a_record_copied_whole_under_another_id_is_caught(
     # Its metadata and every chunk, as they are: the metadata names its record.
     source = records[which]
     with psycopg.connect(db_url) as conn:
-        copy_id = conn.execute("SELECT max(id) + 100 FROM patient_records").fetchone()[0]
+        row = conn.execute("SELECT max(id) + 100 FROM patient_records").fetchone()
+        assert row is not None
+        copy_id = row[0]
         conn.execute(
             "INSERT INTO patient_records (id, username, created_at, meta, key_id, file_size,"
             " chunk_count) SELECT %s, username, created_at, meta, key_id, file_size, chunk_count"
