@@ -106,14 +106,15 @@ def _env(name: str) -> str | None:
 
 def load_settings() -> Settings:
     """Build Settings from the (already .env-seeded) environment."""
-    embedded = _env("DATABASE_URL") is None and all(_env(v) is None for v in DB_VARIABLES)
+    url = _env("DATABASE_URL")
+    embedded = url is None and all(_env(v) is None for v in DB_VARIABLES)
     home: Path | None = None
     params: dict[str, str] = {}
     if embedded:
         from patient_cli.embedded import default_home
 
         home = default_home()
-    elif _env("DATABASE_URL") is None:
+    elif url is None:
         mapping = {
             "DB_USERNAME": "user",
             "DB_PASSWORD": "password",
@@ -133,7 +134,7 @@ def load_settings() -> Settings:
         home=home,
         key_source=_key_source(home),
         actor=_env("PATIENT_RECORDS_ACTOR"),
-        database_url=None if embedded else _env("DATABASE_URL"),
+        database_url=url,
         database_params=tuple(params.items()),
     )
 

@@ -152,8 +152,6 @@ class WorkerFeed:
         `max_bytes` in all have been sent (checked file by file)."""
         sent_bytes = 0
         while len(self._sent) < files // POOL_BATCH:
-            if max_bytes is not None and sent_bytes >= max_bytes:
-                return
             batch: list[Entry] = []
             while len(batch) < POOL_BATCH and (max_bytes is None or sent_bytes < max_bytes):
                 item = next(self._items, None)

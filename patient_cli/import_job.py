@@ -32,7 +32,6 @@ from psycopg.pq import TransactionStatus
 from patient_cli import recordformat, scan, sql, store
 from patient_cli.app_secrets import FINGERPRINT_KEY
 from patient_cli.audit import AuditEvent, append_event, audited
-from patient_cli.crypto import Keyring
 from patient_cli.db import translate_db_errors
 from patient_cli.errors import UsageError
 from patient_cli.import_feed import WorkerFeed, file_names
@@ -100,15 +99,9 @@ def run_import(
     run_event = AuditEvent("import")
     with translate_db_errors(), audited(session, run_event):
         session.load_secrets()
-        job = _ImportJob(session, request, session.keyring, run_event, on_outcome, on_bytes)
-        job.on_force_quit = on_force_quit
+        job = _ImportJob(session, request, run_event, feed, on_outcome, on_bytes, on_force_quit)
         if feed is not None:
-            job.feed = feed
-            sizes: frozenset[int] = frozenset()
-            if job.dedupe and request.username is not None:
-                job._size_stored(request.username, -1)  # loads job.sizes
-                sizes = frozenset(job.sizes)
-            feed.configure(WorkerSettings(job.fingerprint_key, sizes))
+            job.configure_feed(feed)
         # Each unit of work must be a transaction of its own, not a savepoint.
         if session.conn.info.transaction_status != TransactionStatus.IDLE:
             session.conn.commit()
@@ -143,21 +136,22 @@ class _ImportJob:
         self,
         session: Session,
         request: ImportRequest,
-        keyring: Keyring,
         run_event: AuditEvent,
+        feed: WorkerFeed | None,
         on_outcome: OutcomeCallback | None,
         on_bytes: BytesCallback | None,
+        on_force_quit: Callable[[], None] | None,
     ) -> None:
         self.session = session
         self.conn = session.conn
         self.request = request
-        self.keyring = keyring
+        self.keyring = session.keyring
         self.fingerprint_key = session.secret(FINGERPRINT_KEY)
         self.dedupe = not request.allow_duplicates
         self.run_event = run_event
         self.on_outcome = on_outcome
         self.on_bytes = on_bytes
-        self.on_force_quit: Callable[[], None] | None = None
+        self.on_force_quit = on_force_quit
         self.summary = ImportSummary(dry_run=request.dry_run)
         self.audited_once = False
         # This unit of work (one transaction): outcomes in scan order, and the
@@ -182,7 +176,16 @@ class _ImportJob:
         self.sizes: set[int] = set()
         # The worker processes' feed (none in a dry run, on one core or with
         # --workers 0: files are then read and encrypted here).
-        self.feed: WorkerFeed | None = None
+        self.feed = feed
+
+    def configure_feed(self, feed: WorkerFeed) -> None:
+        """Tell the workers the fingerprint key and, for the run's one user, the
+        sizes already stored (they then only hash files of those sizes)."""
+        sizes: frozenset[int] = frozenset()
+        if self.dedupe and self.request.username is not None:
+            self._size_stored(self.request.username, -1)  # loads self.sizes
+            sizes = frozenset(self.sizes)
+        feed.configure(WorkerSettings(self.fingerprint_key, sizes))
 
     # -- the run ----------------------------------------------------------------
 
@@ -553,9 +556,11 @@ class _ImportJob:
         return self.free_ids.pop()
 
     def _reserve_ids(self) -> None:
-        more = store.reserve_ids(self.conn, ID_BLOCK)
-        more.reverse()
-        self.free_ids = more + self.free_ids
+        self._add_ids(store.reserve_ids(self.conn, ID_BLOCK))
+
+    def _add_ids(self, ids: list[int]) -> None:
+        """Take in reserved ids (ascending), to be used before those held now."""
+        self.free_ids = ids[::-1] + self.free_ids  # popped from the end: lowest first
 
     def _flush(self, wait: bool = True) -> None:
         """Send the pending small records; with wait=False a thread sends them
@@ -609,8 +614,7 @@ class _ImportJob:
         assert done is not None
         pending, results, ids = done
         self._apply(pending, results)
-        ids.reverse()
-        self.free_ids = ids + self.free_ids  # popped from the end: lowest first
+        self._add_ids(ids)
 
     def _stop_background_flush(self) -> None:
         """Never end the transaction while a batch is being sent; after an error
@@ -636,7 +640,7 @@ class _ImportJob:
         # Still sending: the unit is being abandoned (an error, Ctrl-C), so the
         # batch's outcome no longer matters. Cancel it rather than wait.
         cancel = not self.flush_done.is_set()
-        while not self.flush_done.is_set() and (thread.ident is not None or thread.is_alive()):
+        while not self.flush_done.is_set() and thread.ident is not None:  # (None: never started)
             try:
                 if cancel:
                     cancel = False

@@ -126,10 +126,6 @@ class WorkerPool:
         self.close()
 
     @property
-    def size(self) -> int:
-        return len(self._workers)
-
-    @property
     def in_flight(self) -> int:
         return len(self._order)
 
@@ -137,20 +133,14 @@ class WorkerPool:
         """Give a batch to the next worker in turn."""
         worker = self._workers[self._next]
         self._next = (self._next + 1) % len(self._workers)
-        try:
-            _write(worker.sock, list(tasks))
-        except OSError as exc:  # not stdout's broken pipe: never let it pass for one
-            raise _why_stopped(worker, exc) from None
+        _tell(worker, list(tasks))
         worker.waiting.append(len(tasks))
         self._order.append(worker)
 
     def send_settings(self, settings: WorkerSettings) -> None:
         """Give every worker what the database told: used for the tasks sent after."""
         for worker in self._workers:
-            try:
-                _write(worker.sock, settings)
-            except OSError as exc:
-                raise _why_stopped(worker, exc) from None
+            _tell(worker, settings)
 
     def receive(self) -> tuple[list[Result], bool]:
         """The next results of the oldest batch not yet complete, in task order,
@@ -211,6 +201,13 @@ class WorkerPool:
 class WorkerFailed(PatientRecordsError):
     """A worker process died or failed: the import stops (exit 1); what was
     committed before stays, and a rerun finishes the job."""
+
+
+def _tell(worker: _Worker, message: object) -> None:
+    try:
+        _write(worker.sock, message)
+    except OSError as exc:  # not stdout's broken pipe: never let it pass for one
+        raise _why_stopped(worker, exc) from None
 
 
 def _why_stopped(worker: _Worker, exc: OSError) -> WorkerFailed:

@@ -38,7 +38,7 @@ _META_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps makes
 
 @dataclass(frozen=True)
 class RecordContent:
-    """The parts of a record that are encrypted (everything but the username)."""
+    """What a record's metadata token holds (its username is also kept in plaintext)."""
 
     username: str
     record_name: str
@@ -74,11 +74,10 @@ class PreparedRecord:
 
     params: dict[str, object]
     chunks: tuple[bytes, ...]
+    content: RecordContent  # what the metadata token holds (sealed by assign_id)
     file_size: int | None
     sha256: str | None
     fingerprint: bytes | None = None
-    # What the metadata token will hold, while it waits for the record's id.
-    content: RecordContent | None = None
     chunk_tag: int | None = None
 
 
@@ -233,7 +232,7 @@ def prepare_small(
     }
     if len(chunks) == 1:
         params["chunk"] = chunks[0]
-    prepared = PreparedRecord(params, chunks, size, sha, fingerprint, content, tag)
+    prepared = PreparedRecord(params, chunks, content, size, sha, fingerprint, tag)
     if record_id is not None:
         assign_id(prepared, keyring, record_id)
     return prepared
@@ -241,7 +240,6 @@ def prepare_small(
 
 def assign_id(prepared: PreparedRecord, keyring: Keyring, record_id: int) -> None:
     """Give a prepared record its id, and seal its metadata, which names it."""
-    assert prepared.content is not None, "prepared without its content"
     meta = seal_meta(
         keyring,
         prepared.content,
