@@ -46,7 +46,9 @@ def connect(settings: Settings) -> Connection:
         assert settings.home is not None
         conninfo = ensure_server(settings.home)
     try:
-        return psycopg.connect(conninfo, autocommit=False)
+        # Text in UTF-8 whatever the database's encoding (the server converts):
+        # import's rows are made as such (copyformat).
+        return psycopg.connect(conninfo, autocommit=False, client_encoding="UTF8")
     except psycopg.OperationalError as exc:
         reason = _first_line(exc)
         if any(marker in reason for marker in _SETTINGS_PROBLEMS):

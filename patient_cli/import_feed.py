@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from patient_cli import scan
@@ -81,6 +81,10 @@ class WorkerFeed:
         self._items: Iterator[scan.ScanItem] = scan.scan(request.scan_options)
         self._sent: deque[_SentBatch] = deque()
         self._current: deque[tuple[Entry, Result]] = deque()
+        # Record ids for the tasks (once configured): the workers then seal each
+        # record whole, metadata and rows included (recordformat.SealedRows).
+        self._take_ids: Callable[[int], list[int]] | None = None
+        self._spare_ids: deque[int] = deque()
 
     @classmethod
     def start(cls, workers: int, prepare: Prepare, request: ImportRequest) -> WorkerFeed:
@@ -94,9 +98,13 @@ class WorkerFeed:
             raise
         return feed
 
-    def configure(self, settings: WorkerSettings) -> None:
-        """Tell the workers what the database said (for the files sent after)."""
+    def configure(self, settings: WorkerSettings, take_ids: Callable[[int], list[int]]) -> None:
+        """Tell the workers what the database said, and give the files sent
+        after this a record id each, taken by `take_ids(count)` (reserved ids,
+        in ascending order; those of files that end up skipped or failed are
+        simply never used)."""
         self.pool.send_settings(settings)
+        self._take_ids = take_ids
 
     def close(self) -> None:
         self.pool.close()
@@ -152,6 +160,9 @@ class WorkerFeed:
         `max_bytes` in all have been sent (checked file by file)."""
         sent_bytes = 0
         while len(self._sent) < files // POOL_BATCH:
+            # Ids first: if taking them fails, no file has left the scan yet.
+            if self._take_ids is not None and len(self._spare_ids) < POOL_BATCH:
+                self._spare_ids.extend(self._take_ids(POOL_BATCH - len(self._spare_ids)))
             batch: list[Entry] = []
             while len(batch) < POOL_BATCH and (max_bytes is None or sent_bytes < max_bytes):
                 item = next(self._items, None)
@@ -172,7 +183,8 @@ class WorkerFeed:
         task: Task | None = None
         if failure is None:
             assert username is not None
-            task = (item.path, username, name, item.name)
+            record_id = self._spare_ids.popleft() if self._spare_ids else None
+            task = (item.path, username, name, item.name, record_id)
         return (item, username, name, task, failure)
 
 

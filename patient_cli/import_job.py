@@ -66,7 +66,9 @@ COMMIT_BYTES = 32 << 20
 # Small files go to the server by COPY in batches of this size.
 BATCH_FILES = 500
 BATCH_BYTES = 8 << 20
-ID_BLOCK = 500
+# Record ids are reserved this many at a time (the workers' tasks take them
+# ahead of the files being taken in, import_feed.AHEAD_FILES).
+ID_BLOCK = 2048
 # Files whose size matches a stored file's are checked in one query per this many.
 CHECK_FILES = 500
 CHECK_BYTES = 8 << 20
@@ -109,7 +111,7 @@ def run_import(
     return job.summary
 
 
-_Pending = tuple[FileOutcome, recordformat.PreparedRecord]
+_Pending = tuple[FileOutcome, recordformat.SealedRows]
 # A batch sent by the background thread: its records, what came of each, and
 # the record ids it reserved after them.
 _Flushed = tuple[list[_Pending], list[store.StoredRecord | None], list[int]]
@@ -125,7 +127,7 @@ class _Check:
     record_name: str
     size: int
     data: bytes | None
-    prepared: recordformat.PreparedRecord | None
+    prepared: recordformat.PreparedRecord | recordformat.SealedRows | None
     fingerprint: bytes | None
 
 
@@ -185,7 +187,10 @@ class _ImportJob:
         if self.dedupe and self.request.username is not None:
             self._size_stored(self.request.username, -1)  # loads self.sizes
             sizes = frozenset(self.sizes)
-        feed.configure(WorkerSettings(self.fingerprint_key, sizes))
+        feed.configure(WorkerSettings(self.fingerprint_key, sizes), self._ids_for_workers)
+
+    def _ids_for_workers(self, count: int) -> list[int]:
+        return [self._next_id() for _ in range(count)]
 
     # -- the run ----------------------------------------------------------------
 
@@ -381,8 +386,11 @@ class _ImportJob:
                 self.on_bytes(result[1])
             self._queue_check(_Check(item, username, record_name, result[1], None, None, result[2]))
             return
-        # Sealed before the fingerprint key reached the worker, it has none yet.
-        prepared = recordformat.with_fingerprint(result[1], self.fingerprint_key, self.dedupe)
+        prepared: recordformat.PreparedRecord | recordformat.SealedRows
+        if kind == "rows":  # sealed whole, with the id its task carried
+            prepared = result[1]
+        else:  # sealed before the fingerprint key reached the worker: none yet
+            prepared = recordformat.with_fingerprint(result[1], self.fingerprint_key, self.dedupe)
         size = prepared.file_size or 0
         if self.on_bytes is not None:
             self.on_bytes(size)
@@ -437,11 +445,16 @@ class _ImportJob:
         self._take_prepared(item, username, prepared)
 
     def _take_prepared(
-        self, item: scan.ScanItem, username: str, prepared: recordformat.PreparedRecord
+        self,
+        item: scan.ScanItem,
+        username: str,
+        prepared: recordformat.PreparedRecord | recordformat.SealedRows,
     ) -> None:
         size = prepared.file_size or 0
-        # Ids go in scan order, as rows do; the metadata names its record.
-        recordformat.assign_id(prepared, self.keyring, self._next_id())
+        if isinstance(prepared, recordformat.PreparedRecord):
+            # It gets its id now; the metadata names its record.
+            recordformat.assign_id(prepared, self.keyring, self._next_id())
+            prepared = recordformat.sealed_rows(prepared)
         outcome = FileOutcome(item.shown, "imported", username, size)
         self._add(outcome)
         self.pending.append((outcome, prepared))
@@ -668,7 +681,7 @@ class _ImportJob:
         batch = [prepared for _, prepared in pending]
         try:
             with self.conn.transaction():
-                return list(store.copy_prepared(self.conn, batch))
+                return list(store.copy_rows(self.conn, batch))
         except _FILE_DB_ERRORS:
             pass
         try:
@@ -688,7 +701,7 @@ class _ImportJob:
                 self.unit_ids.append(stored.record_id)
 
     def _insert_alone(
-        self, outcome: FileOutcome, prepared: recordformat.PreparedRecord
+        self, outcome: FileOutcome, prepared: recordformat.SealedRows
     ) -> store.StoredRecord | None:
         try:
             with self.conn.transaction():

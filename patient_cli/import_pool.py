@@ -1,21 +1,24 @@
 """Reading and encrypting small files in worker processes, for `import`.
 
-Each small file costs about 60-80 µs of Python in a worker (open, read, hash,
-sniff, the chunk's token) besides the main process's own bookkeeping, and one
-core cannot go faster; cryptography and hashlib release the GIL but the rest
-does not. So `import` forks a few workers that read and encrypt small files,
-while the main process decides what to skip, seals each record's metadata
-once it has an id, and sends the rows to PostgreSQL on its one connection, in
-one stream of transactions and audit events. A worker only turns a file into
-a `PreparedRecord` (with `recordformat.prepare_small`, the same function `add`
-uses); it never touches the database, and needs neither the record's id (its
-chunks are bound to a tag) nor psycopg.
+Each small file costs about 90 µs of Python in a worker (open, read, hash,
+sniff, the chunk's and the metadata's tokens, its rows) besides the main
+process's own bookkeeping, and one core cannot go faster; cryptography and
+hashlib release the GIL but the rest does not. So `import` forks a few workers
+that read and seal small files, while the main process decides what to skip
+and sends the rows to PostgreSQL on its one connection, in one stream of
+transactions and audit events. A worker only turns a file into a record (with
+`recordformat.prepare_small`, the same function `add` uses), and that record
+into its rows in binary COPY form (`recordformat.sealed_rows`), so the main
+process only joins bytes; it never touches the database and needs no psycopg.
 
 So the workers are forked before psycopg is even imported, and start on the
 first files while the main process imports it and connects (about 0.3 s, a
-third of a 5,000-file import's time). They hold up to AHEAD_BYTES of answers
-each until the main process reads them; what needs the database (the
-fingerprint key, the sizes already stored) reaches them later in a
+third of a 5,000-file import's time). Those first files have no record id yet:
+their chunks are bound to a tag, and the main process gives each an id and
+seals its metadata. Every later task carries a record id (reserved from the
+database's sequence), and comes back sealed whole. Workers hold up to
+AHEAD_BYTES of answers each until the main process reads them; what needs the
+database (the fingerprint key, the sizes already stored) reaches them in a
 `WorkerSettings` message, and the main process completes what was sealed
 before (recordformat.with_fingerprint).
 
@@ -49,9 +52,12 @@ from patient_cli.errors import PatientRecordsError, UsageError
 from patient_cli.inputs import FileChanged, read_regular_file
 from patient_cli.mime import detect_mime_type
 
-# One task: (path, username, record name, file name).
-Task = tuple[str, str, str, str]
-# One result, in task order: ("ok", PreparedRecord); ("check", size,
+# One task: (path, username, record name, file name, record id). The id is
+# None for the files sent before the main process has connected.
+Task = tuple[str, str, str, str, int | None]
+# One result, in task order: ("rows", SealedRows) for a file sealed with its
+# task's record id; ("ok", PreparedRecord) for one that had none (the main
+# process gives it one and seals its metadata); ("check", size,
 # fingerprint) for a file whose content may be stored already (see
 # SmallFilePreparer.stored_sizes); ("large",) for a file larger than
 # WHOLE_FILE_BYTES (the main process streams it); or ("failed", code, message).
@@ -395,7 +401,7 @@ class SmallFilePreparer:
     stored_sizes: frozenset[int] = field(default=frozenset(), repr=False)
 
     def __call__(self, task: Task) -> Result:
-        path, username, record_name, file_name = task
+        path, username, record_name, file_name, record_id = task
         try:
             data, _ = read_regular_file(path, self.max_size)
         except FileChanged:
@@ -412,10 +418,14 @@ class SmallFilePreparer:
         content = recordformat.RecordContent(
             username, record_name, self.record_data, file_name, mime
         )
+        if self.fingerprint_key is None:  # (then never an id either)
+            record_id = None
         prepared = recordformat.prepare_small(
-            self.keyring, self.fingerprint_key, None, content, data, self.dedupe
+            self.keyring, self.fingerprint_key, record_id, content, data, self.dedupe
         )
-        return ("ok", prepared)
+        if record_id is None:
+            return ("ok", prepared)
+        return ("rows", recordformat.sealed_rows(prepared))
 
 
 LARGE: Result = ("large",)

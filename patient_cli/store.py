@@ -14,19 +14,20 @@ import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, LiteralString
+from typing import BinaryIO, LiteralString, Protocol
 
+from psycopg import Copy
 from psycopg import errors as pgerrors
 
-from patient_cli import sql
+from patient_cli import copyformat, sql
 from patient_cli.crypto import Keyring
 from patient_cli.db import Connection
 from patient_cli.errors import IntegrityFailed, UsageError
 from patient_cli.recordformat import (
     CHUNK_SIZE,
     CHUNK_TOKEN_CAPACITY,
-    PreparedRecord,
     RecordContent,
+    SealedRows,
     file_fingerprint,
     open_chunk,
     seal_chunk_into,
@@ -58,102 +59,120 @@ def reserve_ids(conn: Connection, count: int) -> list[int]:
 
 # -- writing -----------------------------------------------------------------
 
+# COPY data is handed to psycopg in pieces of about this size.
+_COPY_PIECE = 1 << 20
 
-def insert_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[StoredRecord | None]:
+
+class Sealed(Protocol):
+    """A record ready to insert: recordformat's PreparedRecord (with its id and
+    metadata) or SealedRows."""
+
+    @property
+    def params(self) -> dict[str, object]: ...
+    @property
+    def chunks(self) -> tuple[bytes, ...]: ...
+    @property
+    def file_size(self) -> int | None: ...
+    @property
+    def sha256(self) -> str | None: ...
+
+
+def insert_prepared(conn: Connection, batch: Sequence[Sealed]) -> list[StoredRecord | None]:
     """Insert prepared records, pipelined; None marks one skipped as a duplicate.
 
     A record with at most one chunk is one statement, so each is all-or-nothing
     on its own; the caller's transaction decides when they become visible. A
     batch holding a record of several chunks goes in one record at a time.
     """
-    _check_sealed(batch)
-    if len(batch) == 1 or any(len(item.chunks) > 1 for item in batch):
-        return [_insert_one(conn, item) for item in batch]
+    items = [(item, item.params, item.chunks) for item in batch]
+    _check_sealed(params for _, params, _ in items)
+    if len(items) == 1 or any(len(chunks) > 1 for _, _, chunks in items):
+        return [_insert_one(conn, *entry) for entry in items]
     cursors = []
     try:
         with conn.pipeline():
-            for item in batch:
+            for _, params, chunks in items:
                 cur = conn.cursor()
                 cursors.append(cur)
-                cur.execute(_insert_statement(item), item.params)
-        return [_stored(item, cur.fetchone()) for item, cur in zip(batch, cursors, strict=True)]
+                cur.execute(_insert_statement(chunks), params)
+        return [
+            _stored(item, cur.fetchone()) for (item, _, _), cur in zip(items, cursors, strict=True)
+        ]
     finally:
         for cur in cursors:
             cur.close()
 
 
-def _insert_one(conn: Connection, item: PreparedRecord) -> StoredRecord | None:
+def _insert_one(
+    conn: Connection, item: Sealed, params: dict[str, object], chunks: tuple[bytes, ...]
+) -> StoredRecord | None:
     with conn.cursor() as cur:
-        if len(item.chunks) <= 1:
-            cur.execute(_insert_statement(item), item.params)
+        if len(chunks) <= 1:
+            cur.execute(_insert_statement(chunks), params)
             return _stored(item, cur.fetchone())
         with conn.transaction():  # the record and its chunks, or nothing
-            cur.execute(sql.INSERT_RECORD, item.params)
+            cur.execute(sql.INSERT_RECORD, params)
             stored = _stored(item, cur.fetchone())
             if stored is not None:
-                p = item.params
                 rows = [
-                    (p["username"], p["id"], seq, p["key_id"], token)
-                    for seq, token in enumerate(item.chunks)
+                    (params["username"], params["id"], seq, params["key_id"], token)
+                    for seq, token in enumerate(chunks)
                 ]
                 cur.executemany(sql.INSERT_CHUNK, rows)
         return stored
 
 
-def copy_prepared(conn: Connection, batch: Sequence[PreparedRecord]) -> list[StoredRecord]:
-    """Insert prepared records by binary COPY: the fast path for many small files.
+def copy_rows(conn: Connection, batch: Sequence[SealedRows]) -> list[StoredRecord]:
+    """Insert sealed records by binary COPY of their ready-made rows: the fast
+    path for many small files.
 
     Same rows as insert_prepared, but without ON CONFLICT: a dedupe key already
     stored fails the whole batch with UniqueViolation. Run it in a savepoint and
     fall back to insert_prepared (which skips duplicates) when it raises.
     """
-    _check_sealed(batch)
     with conn.cursor() as cur:
         with cur.copy(sql.COPY_RECORDS) as copy:
-            copy.set_types(sql.RECORD_COPY_TYPES)
-            for item in batch:
-                p = item.params
-                copy.write_row(
-                    (
-                        p["id"],
-                        p["username"],
-                        p["meta"],
-                        p["key_id"],
-                        p["file_size"],
-                        p["chunk_count"],
-                        p["fingerprint"],
-                        p["dedupe_key"],
-                    )
-                )
+            _write_all(copy, [item.record_row for item in batch])
         with cur.copy(sql.COPY_CHUNKS) as copy:
-            copy.set_types(sql.CHUNK_COPY_TYPES)
-            for item in batch:
-                p = item.params
-                for seq, token in enumerate(item.chunks):
-                    copy.write_row((p["username"], p["id"], seq, p["key_id"], token))
+            _write_all(copy, [part for item in batch for part in item.chunk_rows])
         cur.execute(sql.TRANSACTION_TIME)
         row = cur.fetchone()
     assert row is not None and isinstance(row[0], datetime)
-    stored = []
-    for item in batch:
-        record_id = item.params["id"]
-        assert isinstance(record_id, int)
-        stored.append(StoredRecord(record_id, row[0], item.file_size, item.sha256))
-    return stored
+    return [StoredRecord(item.record_id, row[0], item.file_size, item.sha256) for item in batch]
 
 
-def _check_sealed(batch: Sequence[PreparedRecord]) -> None:
+def _write_all(copy: Copy, parts: list[bytes]) -> None:
+    """Send rows (copyformat's) as one binary COPY's data, in pieces of about
+    _COPY_PIECE: small rows joined, a large token sent as it is."""
+    piece: list[bytes] = [copyformat.SIGNATURE]
+    size = 0
+    for part in parts:
+        if len(part) >= _COPY_PIECE:
+            copy.write(b"".join(piece))
+            copy.write(part)
+            piece, size = [], 0
+            continue
+        piece.append(part)
+        size += len(part)
+        if size >= _COPY_PIECE:
+            copy.write(b"".join(piece))
+            piece, size = [], 0
+    piece.append(copyformat.TRAILER)
+    copy.write(b"".join(piece))
+
+
+def _check_sealed(batch: Iterable[dict[str, object]]) -> None:
     # A row without metadata would read as one of the original service's.
-    for item in batch:
-        if item.params["meta"] is None or item.params["id"] is None:
+    for params in batch:
+        if params["meta"] is None or params["id"] is None:
             raise ValueError("a prepared record without its id and metadata")
 
 
-def _insert_statement(item: PreparedRecord) -> LiteralString:
-    return sql.INSERT_RECORD_WITH_CHUNK if item.chunks else sql.INSERT_RECORD
+def _insert_statement(chunks: tuple[bytes, ...]) -> LiteralString:
+    return sql.INSERT_RECORD_WITH_CHUNK if chunks else sql.INSERT_RECORD
 
 
-def _stored(item: PreparedRecord, row: tuple[object, ...] | None) -> StoredRecord | None:
+def _stored(item: Sealed, row: tuple[object, ...] | None) -> StoredRecord | None:
     if row is None:
         return None
     record_id, created_at = row

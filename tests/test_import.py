@@ -550,7 +550,7 @@ def interrupted_import(
     from patient_cli.importer import ImportRequest, import_folder
     from patient_cli.session import Session
 
-    copy = store.copy_prepared
+    copy = store.copy_rows
     signals: list[threading.Timer] = []
 
     def stalled_copy(conn: Any, batch: Any) -> Any:
@@ -561,7 +561,7 @@ def interrupted_import(
             stall(conn)
         return copy(conn, batch)
 
-    monkeypatch.setattr(store, "copy_prepared", stalled_copy)
+    monkeypatch.setattr(store, "copy_rows", stalled_copy)
     started = time.monotonic()
     quits: list[float] = []
     with Session(load_settings()) as session:

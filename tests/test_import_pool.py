@@ -51,7 +51,9 @@ def answers(pool: WorkerPool) -> list[Result]:
 
 
 def tasks(first: int, count: int) -> list[Task]:
-    return [(f"/nowhere/{n}", "ann", f"r{n}", f"{n}.txt") for n in range(first, first + count)]
+    return [
+        (f"/nowhere/{n}", "ann", f"r{n}", f"{n}.txt", None) for n in range(first, first + count)
+    ]
 
 
 def test_batches_are_answered_in_the_order_sent_by_all_workers() -> None:
@@ -172,11 +174,11 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
     (tmp_path / "big.bin").write_bytes(b"x" * (WHOLE_FILE_BYTES + 1))
     os.mkfifo(tmp_path / "fifo")
     batch: list[Task] = [
-        (str(tmp_path / "a.txt"), "ann", "a", "a.txt"),
-        (str(tmp_path / "big.bin"), "ann", "big", "big.bin"),
-        (str(tmp_path / "fifo"), "ann", "fifo", "fifo"),
-        (str(tmp_path / "gone.txt"), "ann", "gone", "gone.txt"),
-        (str(tmp_path / "medium.bin"), "ann", "medium", "medium.bin"),
+        (str(tmp_path / "a.txt"), "ann", "a", "a.txt", None),
+        (str(tmp_path / "big.bin"), "ann", "big", "big.bin", None),
+        (str(tmp_path / "fifo"), "ann", "fifo", "fifo", None),
+        (str(tmp_path / "gone.txt"), "ann", "gone", "gone.txt", None),
+        (str(tmp_path / "medium.bin"), "ann", "medium", "medium.bin", None),
     ]
     with WorkerPool(1, preparer) as pool:
         pool.send(batch)
@@ -209,6 +211,45 @@ def test_a_worker_prepares_what_this_process_would(tmp_path: Path) -> None:
         recordformat.open_chunk(keyring, token, 5, seq, binding) for seq, token in enumerate(chunks)
     )
     assert opened == medium
+
+
+def test_a_task_with_an_id_comes_back_sealed_as_rows(tmp_path: Path) -> None:
+    keyring = Keyring([Fernet.generate_key()])
+    preparer = SmallFilePreparer(keyring, None, dedupe=True, fingerprint_key=b"k" * 32)
+    medium = os.urandom(recordformat.CHUNK_SIZE + 7)
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    (tmp_path / "medium.bin").write_bytes(medium)
+    batch: list[Task] = [
+        (str(tmp_path / "a.txt"), "ann", "a", "a.txt", 41),
+        (str(tmp_path / "medium.bin"), "ann", "medium", "medium.bin", 42),
+    ]
+    with WorkerPool(1, preparer) as pool:
+        pool.send(batch)
+        small, whole = answers(pool)
+
+    for (kind, sealed), record_id, content in ((small, 41, b"hello"), (whole, 42, medium)):
+        assert kind == "rows"
+        assert isinstance(sealed, recordformat.SealedRows)
+        params = sealed.params  # decoded from the COPY rows
+        assert (params["id"], params["username"], params["file_size"]) == (
+            record_id,
+            "ann",
+            len(content),
+        )
+        assert params["fingerprint"] == params["dedupe_key"] == sealed.fingerprint
+        assert sealed.fingerprint == recordformat.file_fingerprint(
+            b"k" * 32, hashlib.sha256(content).digest()
+        )
+        meta_token = params["meta"]
+        assert isinstance(meta_token, bytes)
+        meta = recordformat.open_meta(keyring, meta_token, record_id, "ann")
+        binding = meta.chunk_binding(record_id)
+        opened = b"".join(
+            recordformat.open_chunk(keyring, token, record_id, seq, binding)
+            for seq, token in enumerate(sealed.chunks)
+        )
+        assert opened == content
+    assert len(whole[1].chunks) == params["chunk_count"] == 2
 
 
 def test_workers_ignore_ctrl_c() -> None:
@@ -303,8 +344,8 @@ def test_settings_reach_the_workers_for_the_files_sent_after(tmp_path: Path) -> 
     keyring = Keyring([Fernet.generate_key()])
     (tmp_path / "a.txt").write_bytes(b"hello")
     (tmp_path / "b.txt").write_bytes(b"other content")
-    task_a: Task = (str(tmp_path / "a.txt"), "ann", "a", "a.txt")
-    task_b: Task = (str(tmp_path / "b.txt"), "ann", "b", "b.txt")
+    task_a: Task = (str(tmp_path / "a.txt"), "ann", "a", "a.txt", None)
+    task_b: Task = (str(tmp_path / "b.txt"), "ann", "b", "b.txt", None)
     key = b"f" * 32
     with WorkerPool(1, SmallFilePreparer(keyring, None, dedupe=True)) as pool:
         pool.send([task_a])
