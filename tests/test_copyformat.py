@@ -90,7 +90,7 @@ def test_the_rows_are_byte_for_byte_those_psycopg_writes() -> None:
 
 @given(
     record_id=st.integers(-(2**63), 2**63 - 1),
-    username=st.text(st.characters(blacklist_categories=("Cs",)), max_size=80),
+    username=st.text(st.characters(exclude_categories=["Cs"]), max_size=80),
     meta=st.binary(max_size=300),
     size=st.none() | st.integers(0, 2**63 - 1),
     count=st.none() | st.integers(0, 2**31 - 1),

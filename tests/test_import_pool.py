@@ -116,7 +116,9 @@ def test_sending_while_a_worker_waits_to_answer_does_not_deadlock() -> None:
 
     def exchange() -> None:
         for first in range(0, 256, 64):
-            pool.send([(f"{long_path}/{n}", "ann", "r", "n.txt") for n in range(first, first + 64)])
+            pool.send(
+                [(f"{long_path}/{n}", "ann", "r", "n.txt", None) for n in range(first, first + 64)]
+            )
         for _ in range(4):
             done.extend(answer[1] for answer in answers(pool))
 
