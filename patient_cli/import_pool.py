@@ -290,7 +290,7 @@ def _prepare_batch(tasks: list[Task], prepare: Prepare, outbox: _Outbox) -> None
             outbox.drain()
             raise
         part.append(result)
-        if result[0] == "ok":
+        if result[0] in ("ok", "rows"):
             part_bytes += result[1].file_size or 0
         if number == len(tasks) or part_bytes >= MESSAGE_BYTES:
             outbox.put(part)

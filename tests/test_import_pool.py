@@ -22,6 +22,7 @@ from patient_cli.crypto import Keyring
 from patient_cli.import_pool import (
     MESSAGE_BYTES,
     WHOLE_FILE_BYTES,
+    Prepare,
     Result,
     SmallFilePreparer,
     Task,
@@ -77,8 +78,13 @@ def big_result(task: Task) -> tuple[str, Sized]:
     return ("ok", Sized(MESSAGE_BYTES // 2 + number(task)))
 
 
-def test_a_batch_of_large_results_comes_in_parts() -> None:
-    with WorkerPool(1, big_result) as pool:
+def big_rows(task: Task) -> tuple[str, Sized]:
+    return ("rows", Sized(MESSAGE_BYTES // 2 + number(task)))
+
+
+@pytest.mark.parametrize("prepare", [big_result, big_rows])
+def test_a_batch_of_large_results_comes_in_parts(prepare: Prepare) -> None:
+    with WorkerPool(1, prepare) as pool:
         pool.send(tasks(0, 5))
         parts = []
         complete = False
