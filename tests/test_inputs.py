@@ -59,3 +59,26 @@ def test_a_file_that_changes_size_under_the_read_is_reported(tmp_path: Path) -> 
         pytest.skip("needs /proc")
     with pytest.raises(FileChanged):
         read_regular_file(str(status), 1 << 20)
+
+
+def test_a_read_that_would_block_is_waited_for_not_taken_as_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # read_regular_file leaves the descriptor non-blocking (local files never
+    # answer "try again"); a file system that does is then read blocking.
+    path = tmp_path / "a.bin"
+    content = os.urandom(3000)
+    path.write_bytes(content)
+    real_read = os.read
+    calls: list[bool] = []
+
+    def read_once_busy(fd: int, size: int) -> bytes:
+        calls.append(os.get_blocking(fd))
+        if len(calls) == 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_read(fd, size)
+
+    monkeypatch.setattr(os, "read", read_once_busy)
+    data, _ = read_regular_file(str(path), 5000)
+    assert data == content
+    assert calls == [False, True]
