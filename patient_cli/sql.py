@@ -139,7 +139,7 @@ INSERT_AUDIT_EVENT: LiteralString = """
     INSERT INTO audit_log (id, at, action, outcome, os_user, db_role, actor,
                            usernames, record_ids, details, prev_hash, hash)
     VALUES (%(id)s, %(at)s, %(action)s, %(outcome)s, %(os_user)s, %(db_role)s, %(actor)s,
-            %(usernames)s, %(record_ids)s, %(details)s, %(prev_hash)s, %(hash)s)"""
+            %(usernames)s, %(record_ids)s::bigint[], %(details)s, %(prev_hash)s, %(hash)s)"""
 
 # -- import (issue 3): statements used only by `import` go below ----------------
 
