@@ -9,10 +9,11 @@ belongs to (username and id), checked on every read, so a record's rows copied
 or moved to another record are detected. Its file is cut into 1 MiB chunks,
 each one token whose plaintext starts with (binding, sequence number), so a
 chunk moved, swapped or dropped is detected on read. The binding is either the
-record's id (files streamed once their record exists, and converted legacy
+record's id (files sealed once their record has one, and converted legacy
 rows) or a random 63-bit tag kept in the record's metadata (whole files
-encrypted before their record has an id: `import`'s workers seal them while
-the main process connects, and the metadata is sealed once the id is known).
+encrypted before their record has an id: `import`'s workers seal the first
+files while the main process connects, and the metadata is sealed once the id
+is known).
 """
 
 from __future__ import annotations
@@ -232,10 +233,10 @@ def prepare_small(
     """Encrypt a record and its file (if any), held whole in memory: a file of
     one chunk for `add`, of a few for `import`'s workers (import_pool).
 
-    The chunks are bound to a random tag kept in the metadata, so they can be
-    sealed before the record has an id; with `record_id` None the metadata
-    waits for `assign_id`. Without `fingerprint_key` the fingerprint is left
-    to `with_fingerprint`.
+    The chunks are bound to `record_id`; without one, to a random tag kept in
+    the metadata, so they can be sealed before the record has an id, and the
+    metadata waits for `assign_id`. Without `fingerprint_key` the fingerprint
+    is left to `with_fingerprint`.
     """
     size = sha = fingerprint = tag = None
     chunks: tuple[bytes, ...] = ()
@@ -244,13 +245,16 @@ def prepare_small(
         size, sha = len(file_bytes), digest.hex()
         if fingerprint_key is not None:
             fingerprint = file_fingerprint(fingerprint_key, digest)
-        tag = new_chunk_tag()
+        # Bound to the record's id when it has one, else to a tag (see module doc).
+        tag = new_chunk_tag() if record_id is None else None
+        binding = record_id if tag is None else tag
+        assert binding is not None
         if len(file_bytes) <= CHUNK_SIZE:  # most files: no view, no slicing
-            chunks = (seal_chunk(keyring, tag, 0, file_bytes),) if file_bytes else ()
+            chunks = (seal_chunk(keyring, binding, 0, file_bytes),) if file_bytes else ()
         else:
             with memoryview(file_bytes) as view:
                 chunks = tuple(
-                    seal_chunk(keyring, tag, seq, view[start : start + CHUNK_SIZE])
+                    seal_chunk(keyring, binding, seq, view[start : start + CHUNK_SIZE])
                     for seq, start in enumerate(range(0, len(view), CHUNK_SIZE))
                 )
     params: dict[str, object] = {
