@@ -155,9 +155,11 @@ class WorkerFeed:
             assert batch.answered == len(entries)
             self._sent.popleft()
 
-    def _send_ahead(self, files: int = AHEAD_FILES, max_bytes: int | None = None) -> None:
-        """Send batches until `files` are in flight, or (when given) files of
-        `max_bytes` in all have been sent (checked file by file)."""
+    def _send_ahead(self, files: int | None = None, max_bytes: int | None = None) -> None:
+        """Send batches until `files` (by default AHEAD_FILES) are in flight, or
+        (when given) files of `max_bytes` in all have been sent (checked file
+        by file)."""
+        files = AHEAD_FILES if files is None else files
         sent_bytes = 0
         while len(self._sent) < files // POOL_BATCH:
             # Ids first: if taking them fails, no file has left the scan yet.

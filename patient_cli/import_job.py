@@ -258,8 +258,10 @@ class _ImportJob:
             done = self.feed.next_done()
             if done is None:
                 return False
-            (item, username, record_name, _, _), result = done
+            (item, username, record_name, task, _), result = done
             taken.append(item)
+            if task is not None and task[4] is not None and result[0] != "rows":
+                self._recycle_id(task[4])  # its worker sealed nothing with it
             self._take_result(item, username, record_name, result)
         return True
 
@@ -542,6 +544,8 @@ class _ImportJob:
             if check.fingerprint is not None and check.fingerprint in stored:
                 outcome = FileOutcome(check.item.shown, "skipped", check.username, check.size)
                 self._add(outcome)
+                if isinstance(check.prepared, recordformat.SealedRows):
+                    self._recycle_id(check.prepared.record_id)  # its rows are dropped
             elif check.prepared is not None:
                 self._take_prepared(check.item, check.username, check.prepared)
             elif check.data is not None:
@@ -567,6 +571,12 @@ class _ImportJob:
             if not self.free_ids:
                 self._reserve_ids()
         return self.free_ids.pop()
+
+    def _recycle_id(self, record_id: int) -> None:
+        """An id given to a file whose rows were never made or are dropped: the
+        next file takes it (a nightly rerun over stored files then reserves a
+        few thousand ids, not one per file)."""
+        self.free_ids.append(record_id)  # popped next: the lowest, mostly
 
     def _reserve_ids(self) -> None:
         self._add_ids(store.reserve_ids(self.conn, ID_BLOCK))

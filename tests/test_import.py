@@ -326,6 +326,30 @@ def test_a_rerun_hashes_files_of_stored_sizes_and_reads_changed_ones_again(
     assert count_rows(db_url, "SELECT count(*) FROM patient_records") == 5
 
 
+def test_a_rerun_over_stored_files_takes_ids_only_for_the_files_ahead(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files sent to the workers carry a record id; one that comes back
+    # unsealed (only hashed: stored already) gives it back for the next file.
+    from patient_cli import import_feed, import_job
+
+    monkeypatch.setattr(import_feed, "START_FILES", 0)
+    monkeypatch.setattr(import_feed, "AHEAD_FILES", 64)
+    monkeypatch.setattr(import_job, "ID_BLOCK", 16)
+    root = make_tree(tmp_path / "in", {f"f{n:03}.txt": b"x" * n for n in range(1, 301)})
+    code, first, _ = run_import(ready, str(root), "-u", "ann", "--workers", "2")
+    assert (code, first["imported"]) == (0, 300)
+
+    def last_id() -> int:
+        return count_rows(db_url, "SELECT last_value FROM patient_records_id_seq")
+
+    before = last_id()
+    code, again, _ = run_import(ready, str(root), "-u", "ann", "--workers", "2")
+    assert (code, again["imported"], again["skipped"]) == (0, 0, 300)
+    # At most the files in flight and the blocks reserved for them, not 300.
+    assert last_id() - before <= 64 + 3 * 16
+
+
 def test_allow_duplicates_stores_again(ready: Cli, tmp_path: Path) -> None:
     root = make_tree(tmp_path / "in", {"a.txt": b"same", "b.txt": b"same"})
     run_import(ready, str(root), "-u", "ann")
