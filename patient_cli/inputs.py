@@ -98,10 +98,11 @@ def read_regular_file(path: str, limit: int) -> tuple[bytes | None, os.stat_resu
         data = b""
         while len(data) <= size:
             try:
-                more = os.read(fd, size + 1 - len(data))
-            except BlockingIOError:  # see _open_regular: rare enough to wait for
-                os.set_blocking(fd, True)
-                continue
+                try:
+                    more = os.read(fd, size + 1 - len(data))
+                except BlockingIOError:  # see _open_regular: rare enough to wait for
+                    os.set_blocking(fd, True)
+                    continue
             except OSError as exc:
                 raise UsageError(f"cannot read file: {exc.strerror or exc}") from None
             if not more:
