@@ -85,6 +85,7 @@ class WorkerFeed:
         # record whole, metadata and rows included (recordformat.SealedRows).
         self._take_ids: Callable[[int], list[int]] | None = None
         self._spare_ids: deque[int] = deque()
+        self._peeked: scan.ScanItem | None = None  # the scan's next file, taken early
 
     @classmethod
     def start(cls, workers: int, prepare: Prepare, request: ImportRequest) -> WorkerFeed:
@@ -101,8 +102,8 @@ class WorkerFeed:
     def configure(self, settings: WorkerSettings, take_ids: Callable[[int], list[int]]) -> None:
         """Tell the workers what the database said, and give the files sent
         after this a record id each, taken by `take_ids(count)` (reserved ids,
-        in ascending order; those of files that end up skipped or failed are
-        simply never used)."""
+        in ascending order; the import gives an id whose file came back
+        unsealed to a later file, see import_job._recycle_id)."""
         self.pool.send_settings(settings)
         self._take_ids = take_ids
 
@@ -132,6 +133,9 @@ class WorkerFeed:
         while self._sent:
             if self.pool.receive()[1]:
                 self._sent.popleft()
+        if self._peeked is not None:
+            left.append(self._peeked)
+            self._peeked = None
         self._items = itertools.chain(left, self._items)
 
     def _take_part(self, batch: _SentBatch) -> None:
@@ -161,13 +165,13 @@ class WorkerFeed:
         by file)."""
         files = AHEAD_FILES if files is None else files
         sent_bytes = 0
-        while len(self._sent) < files // POOL_BATCH:
+        while len(self._sent) < files // POOL_BATCH and self._more_files():
             # Ids first: if taking them fails, no file has left the scan yet.
             if self._take_ids is not None and len(self._spare_ids) < POOL_BATCH:
                 self._spare_ids.extend(self._take_ids(POOL_BATCH - len(self._spare_ids)))
             batch: list[Entry] = []
             while len(batch) < POOL_BATCH and (max_bytes is None or sent_bytes < max_bytes):
-                item = next(self._items, None)
+                item = self._next_file()
                 if item is None:
                     break
                 batch.append(self._entry(item))
@@ -177,6 +181,17 @@ class WorkerFeed:
                 return
             self.pool.send([entry[3] for entry in batch if entry[3] is not None])
             self._sent.append(_SentBatch(batch))
+
+    def _more_files(self) -> bool:
+        if self._peeked is None:
+            self._peeked = next(self._items, None)
+        return self._peeked is not None
+
+    def _next_file(self) -> scan.ScanItem | None:
+        if self._peeked is not None:
+            item, self._peeked = self._peeked, None
+            return item
+        return next(self._items, None)
 
     def _entry(self, item: scan.ScanItem) -> Entry:
         """A file for the workers (one the scan found bad carries its failure

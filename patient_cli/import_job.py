@@ -66,8 +66,10 @@ COMMIT_BYTES = 32 << 20
 # Small files go to the server by COPY in batches of this size.
 BATCH_FILES = 500
 BATCH_BYTES = 8 << 20
-# Record ids are reserved this many at a time (the workers' tasks take them
-# ahead of the files being taken in, import_feed.AHEAD_FILES).
+# Record ids are reserved FIRST_ID_BLOCK at first, then twice as many each
+# time up to ID_BLOCK (the workers' tasks take them ahead of the files being
+# taken in, import_feed.AHEAD_FILES): a small import reserves few.
+FIRST_ID_BLOCK = 64
 ID_BLOCK = 2048
 # Files whose size matches a stored file's are checked in one query per this many.
 CHECK_FILES = 500
@@ -169,6 +171,7 @@ class _ImportJob:
         self.flushed: _Flushed | None = None
         self.flush_error: BaseException | None = None
         self.free_ids: list[int] = []
+        self.id_block = FIRST_ID_BLOCK
         # Small files waiting for one query to tell which are already stored.
         self.checks: list[_Check] = []
         self.checks_bytes = 0
@@ -579,7 +582,12 @@ class _ImportJob:
         self.free_ids.append(record_id)  # popped next: the lowest, mostly
 
     def _reserve_ids(self) -> None:
-        self._add_ids(store.reserve_ids(self.conn, ID_BLOCK))
+        self._add_ids(store.reserve_ids(self.conn, self._next_block()))
+
+    def _next_block(self) -> int:
+        block = min(self.id_block, ID_BLOCK)
+        self.id_block = 2 * block
+        return block
 
     def _add_ids(self, ids: list[int]) -> None:
         """Take in reserved ids (ascending), to be used before those held now."""
@@ -604,14 +612,14 @@ class _ImportJob:
         # (a round trip it makes anyway), to keep a block ahead of need.
         if len(self.free_ids) < BATCH_FILES:
             self._reserve_ids()
-        reserve = len(self.free_ids) < 2 * ID_BLOCK
+        reserve = self._next_block() if len(self.free_ids) < 2 * ID_BLOCK else 0
 
         done = threading.Event()
 
         def send() -> None:
             try:
                 results = self._insert_batch(pending)
-                ids = store.reserve_ids(self.conn, ID_BLOCK) if reserve else []
+                ids = store.reserve_ids(self.conn, reserve) if reserve else []
                 self.flushed = (pending, results, ids)
             except BaseException as exc:  # re-raised by _finish_flush
                 self.flush_error = exc

@@ -350,6 +350,19 @@ def test_a_rerun_over_stored_files_takes_ids_only_for_the_files_ahead(
     assert last_id() - before <= 64 + 3 * 16
 
 
+def test_a_small_import_reserves_few_ids(ready: Cli, tmp_path: Path, db_url: str) -> None:
+    from patient_cli import import_job
+
+    def last_id() -> int:
+        return count_rows(db_url, "SELECT coalesce(max(last_value), 0) FROM patient_records_id_seq")
+
+    before = last_id()
+    root = make_tree(tmp_path / "in", {"a.txt": b"one file"})
+    assert run_import(ready, str(root), "-u", "ann")[0] == 0
+    # FIRST_ID_BLOCK (64), not a full block of 2,048.
+    assert 0 < last_id() - before <= 64 == import_job.FIRST_ID_BLOCK
+
+
 def test_allow_duplicates_stores_again(ready: Cli, tmp_path: Path) -> None:
     root = make_tree(tmp_path / "in", {"a.txt": b"same", "b.txt": b"same"})
     run_import(ready, str(root), "-u", "ann")
