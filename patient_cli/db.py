@@ -16,7 +16,7 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from patient_cli.config import Settings
-from patient_cli.errors import ConfigError, DatabaseUnavailable
+from patient_cli.errors import ConfigError, DatabaseUnavailable, UsageError
 
 Connection = psycopg.Connection[Any]
 
@@ -82,6 +82,12 @@ def translate_db_errors() -> Iterator[None]:
     except (pgerrors.UndefinedTable, pgerrors.UndefinedColumn, pgerrors.UndefinedFunction):
         raise ConfigError(
             "the database schema is missing or out of date: run `patient-records init-db`"
+        ) from None
+    except (pgerrors.UntranslatableCharacter, pgerrors.CharacterNotInRepertoire):
+        # The server's message quotes the character's bytes: not repeated here.
+        raise UsageError(
+            "the database's character encoding cannot store some of this command's "
+            "text (a username, say): such text needs a database created with UTF8 encoding"
         ) from None
     except pgerrors.InsufficientPrivilege as exc:
         raise ConfigError(f"the database refused the operation: {_first_line(exc)}") from None

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +321,46 @@ def test_file_name_that_is_not_utf8_is_refused(ready: Cli, tmp_path: Path, db_ur
     result = ready("add", "-u", "quinn", "-n", "x", "-f", os.fsdecode(raw_name))
     assert_error(result, 2, "usage_error", "file name is not valid UTF-8")
     assert stored_counts(db_url) == (0, 0)
+
+
+@pytest.fixture
+def latin1_url(
+    server_url: str, cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """A database created as LATIN1 (as an old service's may have been), in use."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"pr_latin1_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')  # our own name
+        conn.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    params = {**conninfo_to_dict(server_url), "dbname": name}
+    url = make_conninfo("", **{k: str(v) for k, v in params.items() if v is not None})
+    monkeypatch.setenv("DATABASE_URL", url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_username_the_database_encoding_cannot_hold_is_a_usage_error(
+    cli: Cli, latin1_url: str, tmp_path: Path
+) -> None:
+    assert cli("init-db", "--format", "json").exit_code == 0
+    cli.json("add", "-u", "Zoë", "-n", "kept")  # LATIN1 has ë
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"a letter")
+    for args in (["add", "-u", "Ωmega", "-n", "x"], ["import", "in", "-u", "Ωmega"]):
+        result = cli(*args, "--format", "json")
+        assert result.exit_code == 2, (args, result.stderr)
+        assert json.loads(stderr_line(result))["error"] == (
+            "the database's character encoding cannot store some of this command's text "
+            "(a username, say): such text needs a database created with UTF8 encoding"
+        )
+    assert [r["record_name"] for r in cli.json("list", "--all")["records"]] == ["kept"]
+    with psycopg.connect(latin1_url) as conn:
+        assert conn.execute("SELECT count(*) FROM patient_records").fetchone() == (1,)
