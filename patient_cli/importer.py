@@ -27,7 +27,7 @@ from patient_cli.import_request import (
     check_request,
     count_planned,
 )
-from patient_cli.memory import keep_freed_memory
+from patient_cli.memory import collect_rarely, keep_freed_memory
 from patient_cli.session import Session
 
 __all__ = [
@@ -56,6 +56,19 @@ def import_folder(
     sent to a server that does not answer (a CLI exits then; see import_job)."""
     started = time.monotonic()
     check_request(request)
+    with collect_rarely():  # (the workers inherit it)
+        summary = _import(session, request, on_outcome, on_bytes, on_force_quit)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _import(
+    session: Session,
+    request: ImportRequest,
+    on_outcome: OutcomeCallback | None,
+    on_bytes: BytesCallback | None,
+    on_force_quit: Callable[[], None] | None,
+) -> ImportSummary:
     workers = request.workers if request.workers is not None else default_workers()
     feed: WorkerFeed | None = None
     if workers and not request.dry_run:  # a dry run reads only files that may be stored
@@ -68,9 +81,7 @@ def import_folder(
     try:
         from patient_cli.import_job import run_import  # psycopg: while the workers work
 
-        summary = run_import(session, request, feed, on_outcome, on_bytes, on_force_quit)
+        return run_import(session, request, feed, on_outcome, on_bytes, on_force_quit)
     finally:
         if feed is not None:
             feed.close()
-    summary.seconds = time.monotonic() - started
-    return summary

@@ -16,7 +16,10 @@ Elsewhere than glibc (musl, macOS) this does nothing.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
+from collections.abc import Iterator
 
 TRIM_THRESHOLD = 64 << 20
 TOP_PAD = 16 << 20
@@ -39,3 +42,27 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and mallopt(_M_TOP_PAD, TOP_PAD))
+
+
+# The cyclic garbage collector's first threshold during an import (Python's
+# default is 700 allocations).
+IMPORT_GC_THRESHOLD = 100_000
+
+
+@contextlib.contextmanager
+def collect_rarely() -> Iterator[None]:
+    """Run the cyclic garbage collector every IMPORT_GC_THRESHOLD allocations
+    instead of every 700 while the block runs.
+
+    An import allocates a handful of small containers per file (scan entries,
+    results, outcomes) and keeps thousands alive for a second at a time, so
+    the default threshold ran 131 collections over them for 5,000 files: 25-35
+    ms of the main process's CPU here. Such objects form no cycles, and what
+    little cyclic garbage the run makes is still collected, just later.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(IMPORT_GC_THRESHOLD, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)

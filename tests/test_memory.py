@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Cli
+from patient_cli.memory import IMPORT_GC_THRESHOLD, collect_rarely
 
 
 def test_keep_freed_memory_applies_on_glibc_only() -> None:
@@ -14,3 +22,34 @@ def test_keep_freed_memory_applies_on_glibc_only() -> None:
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert done.stdout.strip() == str(on_glibc)
+
+
+def test_collect_rarely_raises_the_first_threshold_for_the_block_only() -> None:
+    before = gc.get_threshold()
+    with pytest.raises(KeyError), collect_rarely():
+        assert gc.get_threshold() == (IMPORT_GC_THRESHOLD, *before[1:])
+        raise KeyError("the block failed")
+    assert gc.get_threshold() == before
+
+
+def test_an_import_runs_with_few_collections(
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for n in range(300):
+        (root / f"f{n}.txt").write_bytes(b"letter %d" % n)
+    seen: list[tuple[int, int, int]] = []
+    from patient_cli import import_job
+
+    run_import = import_job.run_import
+
+    def noting(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.get_threshold())
+        return run_import(*args, **kwargs)
+
+    monkeypatch.setattr(import_job, "run_import", noting)
+    before = gc.get_threshold()
+    assert ready("import", str(root), "-u", "ann", "-q").exit_code == 0
+    assert seen == [(IMPORT_GC_THRESHOLD, *before[1:])]
+    assert gc.get_threshold() == before
