@@ -21,6 +21,8 @@ from patient_cli import __version__
 from patient_cli.cli_app import GLOBAL, Terminated, app
 from patient_cli.commands import admin, importer, records, security  # noqa: F401  (registers commands)
 
+__all__ = ["app", "main", "run"]
+
 
 def _version(value: bool) -> None:
     if value:

@@ -30,7 +30,7 @@ def events(cli: Cli, *args: str, **env: str) -> list[dict[str, Any]]:
 def execute(db_url: str, *statements: str) -> None:
     with psycopg.connect(db_url) as conn:
         for statement in statements:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_the_database_refuses_update_delete_and_truncate(
             psycopg.connect(db_url) as conn,
             pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
         ):
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
     assert ready.json("audit", "--verify")["ok"] is True
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -1047,6 +1048,7 @@ def test_scan_memory_does_not_hold_finished_folders(tmp_path: Path) -> None:
     walk = scan.scan(scan.ScanOptions(tmp_path))
     seen = [next(walk).rel for _ in range(4)]
     assert seen == ["d0/f0", "d0/f1", "d0/f2", "d1/f0"]
+    assert isinstance(walk, types.GeneratorType)
     frame = walk.gi_frame
     assert frame is not None
     assert len(frame.f_locals["stack"]) == 2  # the root and d1 only

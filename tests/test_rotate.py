@@ -32,7 +32,7 @@ def new_key() -> str:
 
 def query(db_url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(db_url) as conn:
-        return conn.execute(statement, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(statement, params).fetchall()
 
 
 def key_ids_in_use(db_url: str) -> set[str]:

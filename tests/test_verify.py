@@ -20,7 +20,7 @@ THREE_CHUNKS = bytes(range(256)) * (2 * CHUNK_SIZE // 256) + b"tail"
 
 def execute(db_url: str, statement: str, *params: Any) -> None:
     with psycopg.connect(db_url) as conn:
-        conn.execute(statement, params)  # type: ignore[arg-type]
+        conn.execute(statement, params)
 
 
 def add(cli: Cli, tmp_path: Path, username: str, content: bytes | None) -> int:
