@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from patient_cli.cli import run
+from patient_cli.entry import run
 
 run()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import Cli
-from patient_cli.memory import IMPORT_GC_THRESHOLD, collect_rarely
+from patient_cli.memory import RARE_GC_THRESHOLD, collect_rarely
 
 
 def test_keep_freed_memory_applies_on_glibc_only() -> None:
@@ -27,7 +27,7 @@ def test_keep_freed_memory_applies_on_glibc_only() -> None:
 def test_collect_rarely_raises_the_first_threshold_for_the_block_only() -> None:
     before = gc.get_threshold()
     with pytest.raises(KeyError), collect_rarely():
-        assert gc.get_threshold() == (IMPORT_GC_THRESHOLD, *before[1:])
+        assert gc.get_threshold() == (RARE_GC_THRESHOLD, *before[1:])
         raise KeyError("the block failed")
     assert gc.get_threshold() == before
 
@@ -51,5 +51,18 @@ def test_an_import_runs_with_few_collections(
     monkeypatch.setattr(import_job, "run_import", noting)
     before = gc.get_threshold()
     assert ready("import", str(root), "-u", "ann", "-q").exit_code == 0
-    assert seen == [(IMPORT_GC_THRESHOLD, *before[1:])]
+    assert seen == [(RARE_GC_THRESHOLD, *before[1:])]
     assert gc.get_threshold() == before
+
+
+def test_the_console_script_collects_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
+    from patient_cli import cli, entry
+
+    seen: list[tuple[int, int, int]] = []
+    before = gc.get_threshold()
+    monkeypatch.setattr(cli, "run", lambda: seen.append(gc.get_threshold()))
+    try:
+        entry.run()
+    finally:
+        gc.set_threshold(*before)
+    assert seen == [(RARE_GC_THRESHOLD, *before[1:])]
