@@ -107,6 +107,13 @@ class WorkerFeed:
         self.pool.send_settings(settings)
         self._take_ids = take_ids
 
+    def files_in_flight(self) -> int:
+        """How many files the workers have been given and not yet answered."""
+        return sum(
+            sum(1 for entry in batch.entries[batch.answered :] if entry[3] is not None)
+            for batch in self._sent
+        )
+
     def close(self) -> None:
         self.pool.close()
 

@@ -172,6 +172,10 @@ class _ImportJob:
         self.flush_error: BaseException | None = None
         self.free_ids: list[int] = []
         self.id_block = FIRST_ID_BLOCK
+        # Ids for the records sealed here, so that ids follow scan order: the
+        # workers' first files (sent before connecting) come before the rest.
+        self.first_ids: list[int] = []
+        self.ids_taken = 0  # from free_ids since the last batch was sent
         # Small files waiting for one query to tell which are already stored.
         self.checks: list[_Check] = []
         self.checks_bytes = 0
@@ -190,6 +194,10 @@ class _ImportJob:
         if self.dedupe and self.request.username is not None:
             self._size_stored(self.request.username, -1)  # loads self.sizes
             sizes = frozenset(self.sizes)
+        # The files sent already get their ids when taken in; reserved first,
+        # they come before the later files' ids, which their tasks carry.
+        if sent := feed.files_in_flight():
+            self.first_ids = store.reserve_ids(self.conn, sent)[::-1]
         feed.configure(WorkerSettings(self.fingerprint_key, sizes), self._ids_for_workers)
 
     def _ids_for_workers(self, count: int) -> list[int]:
@@ -458,7 +466,8 @@ class _ImportJob:
         size = prepared.file_size or 0
         if isinstance(prepared, recordformat.PreparedRecord):
             # It gets its id now; the metadata names its record.
-            recordformat.assign_id(prepared, self.keyring, self._next_id())
+            record_id = self.first_ids.pop() if self.first_ids else self._next_id()
+            recordformat.assign_id(prepared, self.keyring, record_id)
             prepared = recordformat.sealed_rows(prepared)
         outcome = FileOutcome(item.shown, "imported", username, size)
         self._add(outcome)
@@ -569,6 +578,7 @@ class _ImportJob:
         return bool(row and row[0])
 
     def _next_id(self) -> int:
+        self.ids_taken += 1
         if not self.free_ids:
             self._finish_flush()  # it may bring ids
             if not self.free_ids:
@@ -609,10 +619,16 @@ class _ImportJob:
         # The next files need ids while these are sent: with less than a batch's
         # worth left, reserve a block now (one round trip), or this thread would
         # wait for the whole COPY to get them. More are reserved by the thread
-        # (a round trip it makes anyway), to keep a block ahead of need.
-        if len(self.free_ids) < BATCH_FILES:
-            self._reserve_ids()
-        reserve = self._next_block() if len(self.free_ids) < 2 * ID_BLOCK else 0
+        # (a round trip it makes anyway), to keep a block ahead of need. Only
+        # while ids are being taken: most of a small import's files got theirs
+        # before it connected (first_ids).
+        reserve = 0
+        if self.ids_taken:
+            self.ids_taken = 0
+            if len(self.free_ids) < BATCH_FILES:
+                self._reserve_ids()
+            if len(self.free_ids) < 2 * ID_BLOCK:
+                reserve = self._next_block()
 
         done = threading.Event()
 

@@ -351,17 +351,39 @@ def test_a_rerun_over_stored_files_takes_ids_only_for_the_files_ahead(
     assert last_id() - before <= 64 + 3 * 16
 
 
+def test_record_ids_follow_scan_order_past_the_head_start(
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first files are sealed by the main process once it has connected,
+    # the later ones by the workers with ids their tasks carry: all in order.
+    from patient_cli import import_feed
+
+    monkeypatch.setattr(import_feed, "START_FILES", 64)
+    root = make_tree(tmp_path / "in", {f"f{n:03}.txt": b"letter %d" % n for n in range(300)})
+    code, summary, _ = run_import(ready, str(root), "-u", "ann", "--workers", "2")
+    assert (code, summary["imported"]) == (0, 300)
+    ids = [r["id"] for r in sorted(records(ready, "ann"), key=lambda r: r["record_name"])]
+    assert ids == sorted(ids)
+
+
 def test_a_small_import_reserves_few_ids(ready: Cli, tmp_path: Path, db_url: str) -> None:
     from patient_cli import import_job
 
     def last_id() -> int:
-        return count_rows(db_url, "SELECT coalesce(max(last_value), 0) FROM patient_records_id_seq")
+        return count_rows(db_url, "SELECT last_value FROM patient_records_id_seq")
 
+    ready.json("add", "-u", "ann", "-n", "first")  # (a fresh sequence counts from 1)
     before = last_id()
-    root = make_tree(tmp_path / "in", {"a.txt": b"one file"})
-    assert run_import(ready, str(root), "-u", "ann")[0] == 0
-    # FIRST_ID_BLOCK (64), not a full block of 2,048.
-    assert 0 < last_id() - before <= 64 == import_job.FIRST_ID_BLOCK
+    make_tree(tmp_path / "one", {"a.txt": b"one file"})
+    assert run_import(ready, str(tmp_path / "one"), "-u", "ann")[0] == 0
+    assert last_id() - before == 1  # what the files the workers had before connecting need
+    # A few more files than the workers start with (2,048): their ids, then
+    # blocks of FIRST_ID_BLOCK (64) growing while ids are taken, not blocks of
+    # ID_BLOCK (2,048) at every batch sent.
+    files = {f"f{n:04}.txt": b"letter %d" % n for n in range(2100)}
+    before = last_id()
+    assert run_import(ready, str(make_tree(tmp_path / "many", files)), "-u", "ann")[0] == 0
+    assert last_id() - before < 2048 + 512 and import_job.FIRST_ID_BLOCK == 64
 
 
 def test_allow_duplicates_stores_again(ready: Cli, tmp_path: Path) -> None:
