@@ -63,10 +63,12 @@ def test_every_command_is_registered_by_name() -> None:
 
 
 def test_only_the_command_being_run_is_built() -> None:
-    from patient_cli.cli import _app_for, _command_name
+    from patient_cli.cli import _app_for
+    from patient_cli.cli_args import command_name
 
-    assert _command_name(["--env-file", "add", "--debug", "list", "-u", "x"]) == "list"
-    assert _command_name(["--debug"]) is None
+    assert command_name(["--env-file", "add", "--debug", "list", "-u", "x"]) == "list"
+    assert command_name(["--debug"]) is None
+    assert command_name(["--help", "import"]) is None
     only = _app_for(["--debug", "server", "status"])
     assert [g.name for g in only.registered_groups] == ["server"]
     assert only.registered_commands == []
@@ -109,3 +111,19 @@ def test_console_script_exits_with_the_code_and_all_output(
     done = subprocess.run([*argv, "list", "--bogus"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr == "Error: No such option: --bogus (see 'patient-records list --help')\n"
+
+
+def test_ctrl_c_while_starting_up_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Interrupted while the entry point imports the CLI (Typer, ...): no traceback.
+    from patient_cli import entry, import_service
+
+    def interrupted(args: list[str]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(import_service, "start_for", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        entry.run()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "Error: interrupted\n"
