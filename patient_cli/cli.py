@@ -17,11 +17,9 @@ from typing import Annotated
 
 import typer
 
-from patient_cli import __version__, import_service
-from patient_cli.cli_app import GLOBAL, app
-from patient_cli.cli_args import command_name
+from patient_cli import __version__
+from patient_cli.cli_app import GLOBAL, Terminated, app
 from patient_cli.commands import admin, importer, records, security  # noqa: F401  (registers commands)
-from patient_cli.errors import Terminated
 
 __all__ = ["app", "main", "run"]
 
@@ -108,7 +106,6 @@ def run() -> None:
         code: object = 0
     except SystemExit as stop:
         code = stop.code
-    import_service.discard()  # forked for an `import` that did not run (a usage error)
     if threading.active_count() > 1:
         sys.exit(code)  # type: ignore[arg-type]
     if code is None:
@@ -131,7 +128,7 @@ def run() -> None:
 def _app_for(args: list[str]) -> typer.Typer:
     """The app with only the command being run, when there is one: Typer inspects
     the signature of every command it builds, about 30 ms for all of them."""
-    name = command_name(args)
+    name = _command_name(args)
     commands = [c for c in app.registered_commands if c.name == name]
     groups = [g for g in app.registered_groups if g.name == name]
     if not commands and not groups:
@@ -140,6 +137,20 @@ def _app_for(args: list[str]) -> typer.Typer:
     only.registered_commands = commands
     only.registered_groups = groups
     return only
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The first argument that is not a global option (or its value); None when
+    help is asked for before it (`--help add` lists every command)."""
+    values = iter(args)
+    for arg in values:
+        if arg in ("-h", "--help"):
+            return None
+        if arg == "--env-file":
+            next(values, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def _usage_message(exc: Exception) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from patient_cli.errors import EXIT_INTERRUPTED, PatientRecordsError, Terminated
+from patient_cli.errors import EXIT_INTERRUPTED, PatientRecordsError
 from patient_cli.output import Format, Messages, resolve_format
 
 if TYPE_CHECKING:
@@ -74,9 +74,18 @@ GLOBAL = GlobalOptions()
 
 def open_session(actor: str | None = None) -> Session:
     """A service-layer session for the configuration in effect (connects lazily)."""
-    from patient_cli.session import open_session as open_configured
+    from patient_cli.config import load_settings
+    from patient_cli.inputs import check_text
+    from patient_cli.session import Session
 
-    return open_configured(actor)
+    settings = load_settings()
+    check_text(actor, "--actor")
+    check_text(settings.actor, "PATIENT_RECORDS_ACTOR")
+    return Session(settings, actor_name=actor)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so transactions roll back and temp files go."""
 
 
 def run_command(fmt: Format | None, quiet: bool, body: Callable[[Messages, Format], T]) -> T:

@@ -85,10 +85,6 @@ class IntegrityFailed(DecryptionFailed):
     code = "integrity_failed"
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: unwind like Ctrl-C so transactions roll back and temp files go."""
-
-
 ALL_ERRORS: tuple[type[PatientRecordsError], ...] = (
     PatientRecordsError,
     UsageError,

@@ -88,16 +88,12 @@ class WorkerFeed:
         self._peeked: scan.ScanItem | None = None  # the scan's next file, taken early
 
     @classmethod
-    def start(
-        cls, workers: int, prepare: Prepare, request: ImportRequest, head_start: bool = True
-    ) -> WorkerFeed:
-        """Fork the workers and, with `head_start`, give them the first files
-        (START_FILES) before the database is there (configure)."""
+    def start(cls, workers: int, prepare: Prepare, request: ImportRequest) -> WorkerFeed:
+        """Fork the workers and give them the first files (START_FILES)."""
         pool = WorkerPool(workers, prepare)
         try:
             feed = cls(pool, request)
-            if head_start:
-                feed._send_ahead(START_FILES, START_BYTES)
+            feed._send_ahead(START_FILES, START_BYTES)
         except BaseException:
             pool.close()
             raise

@@ -35,16 +35,18 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import pickle
 import queue
 import signal
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from patient_cli import framing, recordformat, scan
+from patient_cli import recordformat, scan
 from patient_cli.crypto import Keyring
 from patient_cli.errors import PatientRecordsError, UsageError
 from patient_cli.inputs import FileChanged, read_regular_file
@@ -77,6 +79,7 @@ WHOLE_FILE_BYTES = 8 << 20
 AHEAD_BYTES = 16 << 20
 # Workers' scheduling priority, below the main process's (see _serve).
 WORKER_NICE = 5
+_LENGTH = struct.Struct(">Q")
 
 
 def default_workers() -> int:
@@ -100,15 +103,6 @@ class _Worker:
 # process, as the tests run them, each waited for the other's workers).
 _OPEN: list[_Worker] = []
 _FORKING = threading.Lock()
-# Other descriptors a worker closes as soon as it is forked: import's service
-# process registers its socket to the CLI process (import_service), so that
-# the CLI sees it end when the service process goes, whatever its workers do.
-_CLOSE_IN_WORKERS: list[int] = []
-
-
-def close_in_workers(fd: int) -> None:
-    """Have every worker forked from now on close `fd` first."""
-    _CLOSE_IN_WORKERS.append(fd)
 
 
 class WorkerPool:
@@ -159,7 +153,7 @@ class WorkerPool:
         and whether they complete it."""
         worker = self._order[0]
         try:
-            part = framing.receive(worker.reader)
+            part = _read(worker.reader)
         except OSError as exc:
             raise WorkerFailed(f"an import worker stopped ({type(exc).__name__})") from None
         if part is None:
@@ -200,9 +194,6 @@ class WorkerPool:
                     # will ever release, so its close() would hang.
                     for other in _OPEN:
                         os.close(other.sock.fileno())
-                    for fd in _CLOSE_IN_WORKERS:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
                     _serve(theirs, prepare)
                     code = 0
                 finally:
@@ -220,7 +211,7 @@ class WorkerFailed(PatientRecordsError):
 
 def _tell(worker: _Worker, message: object) -> None:
     try:
-        framing.send(worker.sock, message)
+        _write(worker.sock, message)
     except OSError as exc:  # not stdout's broken pipe: never let it pass for one
         raise _why_stopped(worker, exc) from None
 
@@ -229,7 +220,7 @@ def _why_stopped(worker: _Worker, exc: OSError) -> WorkerFailed:
     """The error for a worker found gone while giving it work: its last
     message says why if it failed (the answers before it no longer matter)."""
     with contextlib.suppress(OSError):
-        while (message := framing.receive(worker.reader)) is not None:
+        while (message := _read(worker.reader)) is not None:
             if isinstance(message, _Failed):
                 return WorkerFailed(f"an import worker failed ({message.error})")
     return WorkerFailed(f"an import worker stopped ({type(exc).__name__})")
@@ -321,10 +312,10 @@ class _Outbox:
         self._bytes = 0
 
     def put(self, value: object, wait: bool = True) -> None:
-        data = framing.encode(value)
-        self._unsent.append(memoryview(framing.LENGTH.pack(len(data))))
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        self._unsent.append(memoryview(_LENGTH.pack(len(data))))
         self._unsent.append(memoryview(data))
-        self._bytes += framing.LENGTH.size + len(data)
+        self._bytes += _LENGTH.size + len(data)
         self.send(until=AHEAD_BYTES if wait else None)
 
     def send(self, until: int | None = None) -> None:
@@ -353,7 +344,7 @@ def _take_tasks(
 ) -> None:
     reader = sock.makefile("rb")
     try:
-        while (tasks := framing.receive(reader)) is not None:
+        while (tasks := _read(reader)) is not None:
             tasks_in.put(tasks)
     except OSError:
         # The main process went away without reading our last answers (it
@@ -361,6 +352,28 @@ def _take_tasks(
         pass
     finally:
         tasks_in.put(None)
+
+
+def _write(sock: socket.socket, value: object) -> None:
+    _send_message(sock, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _send_message(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(_LENGTH.pack(len(data)))
+    sock.sendall(data)
+
+
+def _read(reader: Any) -> Any:
+    """The next message, or None at end of input."""
+    header = reader.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    data = reader.read(length)
+    if len(data) < length:
+        return None
+    # Only ever from our own fork, over a socket pair no one else can open.
+    return pickle.loads(data)  # noqa: S301
 
 
 # -- the workers' job --------------------------------------------------------

@@ -49,19 +49,15 @@ def import_folder(
     on_outcome: OutcomeCallback | None = None,
     on_bytes: BytesCallback | None = None,
     on_force_quit: Callable[[], None] | None = None,
-    head_start: bool = True,
 ) -> ImportSummary:
     """Import every file under `request.root`; see the module docstring and import_job.
 
     `on_force_quit` is called at the third interruption while a batch is being
-    sent to a server that does not answer (a CLI exits then; see import_job).
-    `head_start=False` for a caller that has imported psycopg already (import's
-    service process): the workers then wait for the connection, and every
-    file's task carries its record id."""
+    sent to a server that does not answer (a CLI exits then; see import_job)."""
     started = time.monotonic()
     check_request(request)
     with collect_rarely():  # (the workers inherit it)
-        summary = _import(session, request, on_outcome, on_bytes, on_force_quit, head_start)
+        summary = _import(session, request, on_outcome, on_bytes, on_force_quit)
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -72,7 +68,6 @@ def _import(
     on_outcome: OutcomeCallback | None,
     on_bytes: BytesCallback | None,
     on_force_quit: Callable[[], None] | None,
-    head_start: bool,
 ) -> ImportSummary:
     workers = request.workers if request.workers is not None else default_workers()
     feed: WorkerFeed | None = None
@@ -81,9 +76,8 @@ def _import(
         preparer = SmallFilePreparer(
             session.keyring, request.record_data, dedupe=not request.allow_duplicates
         )
-        # Forked before any thread of this run starts, and (with a head start)
-        # before psycopg is imported: the workers seal the first files meanwhile.
-        feed = WorkerFeed.start(workers, preparer, request, head_start)
+        # Forked before any thread of this run starts, and before psycopg is imported.
+        feed = WorkerFeed.start(workers, preparer, request)
     try:
         from patient_cli.import_job import run_import  # psycopg: while the workers work
 

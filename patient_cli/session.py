@@ -128,18 +128,6 @@ class Session:
         self.close()
 
 
-def open_session(actor_name: str | None = None) -> Session:
-    """A session for the configuration in effect (the environment, already
-    seeded from the .env file), acting for `actor_name` (checked)."""
-    from patient_cli.config import load_settings
-    from patient_cli.inputs import check_text
-
-    settings = load_settings()
-    check_text(actor_name, "--actor")
-    check_text(settings.actor, "PATIENT_RECORDS_ACTOR")
-    return Session(settings, actor_name=actor_name)
-
-
 def _idle(conn: Connection) -> bool:
     """Whether `conn` is outside any transaction."""
     from psycopg.pq import TransactionStatus

@@ -63,12 +63,10 @@ def test_every_command_is_registered_by_name() -> None:
 
 
 def test_only_the_command_being_run_is_built() -> None:
-    from patient_cli.cli import _app_for
-    from patient_cli.cli_args import command_name
+    from patient_cli.cli import _app_for, _command_name
 
-    assert command_name(["--env-file", "add", "--debug", "list", "-u", "x"]) == "list"
-    assert command_name(["--debug"]) is None
-    assert command_name(["--help", "import"]) is None
+    assert _command_name(["--env-file", "add", "--debug", "list", "-u", "x"]) == "list"
+    assert _command_name(["--debug"]) is None
     only = _app_for(["--debug", "server", "status"])
     assert [g.name for g in only.registered_groups] == ["server"]
     assert only.registered_commands == []
@@ -116,14 +114,27 @@ def test_console_script_exits_with_the_code_and_all_output(
 def test_ctrl_c_while_starting_up_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Interrupted while the entry point imports the CLI (Typer, ...): no traceback.
-    from patient_cli import entry, import_service
+    # Interrupted while the entry point imports the CLI (Typer, ...): no
+    # traceback, and the command does not start.
+    import os
+    import signal
+    import sys
 
-    def interrupted(args: list[str]) -> None:
-        raise KeyboardInterrupt
+    from patient_cli import entry
 
-    monkeypatch.setattr(import_service, "start_for", interrupted)
+    class Loading:
+        def __getattr__(self, name: str) -> object:
+            os.kill(os.getpid(), signal.SIGINT)
+
+            def must_not_run() -> None:
+                raise AssertionError("the command ran after Ctrl-C")
+
+            return must_not_run
+
+    monkeypatch.setitem(sys.modules, "patient_cli.cli", Loading())
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stop:
         entry.run()
     assert stop.value.code == 130
     assert capsys.readouterr().err == "Error: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is before

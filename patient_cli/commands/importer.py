@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from patient_cli.cli_app import (
-    GLOBAL,
     ActorOption,
     FormatOption,
     QuietOption,
@@ -104,7 +103,7 @@ def import_(
     """Import every file of a folder, one record per file (skips content already stored)."""
 
     def body(messages: Messages, out: Format) -> None:
-        from patient_cli.import_request import ImportRequest, check_request
+        from patient_cli.importer import ImportRequest, check_request, import_folder
 
         request = ImportRequest(
             root=folder,
@@ -123,9 +122,15 @@ def import_(
         check_request(request)
         progress = _Progress.start(request) if not quiet and sys.stderr.isatty() else None
         on_outcome = _outcome_printer(out, progress, dry_run)
-        on_bytes = progress.advance if progress is not None else None
         try:
-            summary = _run_import(request, actor, on_outcome, on_bytes, messages, out)
+            with open_session(actor) as session:
+                summary = import_folder(
+                    session,
+                    request,
+                    on_outcome=on_outcome,
+                    on_bytes=progress.advance if progress is not None else None,
+                    on_force_quit=lambda: _force_quit(messages, out),
+                )
         finally:
             if progress is not None:
                 progress.stop()
@@ -134,38 +139,6 @@ def import_(
             raise BatchIncomplete(f"{summary.failed} of {summary.files} files failed")
 
     run_command(fmt, quiet, body)
-
-
-def _run_import(
-    request: ImportRequest,
-    actor: str | None,
-    on_outcome: Callable[[FileOutcome], None] | None,
-    on_bytes: Callable[[int], None] | None,
-    messages: Messages,
-    out: Format,
-) -> ImportSummary:
-    """Run the import in the service process forked at start-up when there is
-    one (patient_cli.import_service), else here."""
-    from patient_cli import import_service
-
-    def on_force_quit() -> NoReturn:
-        _force_quit(messages, out)
-
-    service = import_service.take()
-    if service is not None:
-        job = import_service.Job(
-            request,
-            actor,
-            GLOBAL.env_file,
-            outcomes=on_outcome is not None,
-            progress=on_bytes is not None,
-            debug=GLOBAL.debug,
-        )
-        return service.run(job, on_outcome, on_bytes, on_force_quit)
-    from patient_cli.importer import import_folder
-
-    with open_session(actor) as session:
-        return import_folder(session, request, on_outcome, on_bytes, on_force_quit)
 
 
 def _force_quit(messages: Messages, out: Format) -> NoReturn:
