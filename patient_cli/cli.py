@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from patient_cli import __version__
+from patient_cli.argv import error_line
 from patient_cli.cli_app import GLOBAL, Terminated, app
 from patient_cli.commands import admin, importer, records, security  # noqa: F401  (registers commands)
 
@@ -53,16 +54,6 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def _wants_json(argv: list[str]) -> bool:
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--format=") else None
-        if value is None and arg in ("--format", "-F") and i + 1 < len(argv):
-            value = argv[i + 1]
-        if value is not None and value.lower() in ("json", "ndjson"):
-            return True
-    return False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. Command-line mistakes (unknown option, bad value) are reported
     as one line, like every other error, instead of Click's usage block."""
@@ -76,17 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare command: show its help
             sys.stderr.write(str(getattr(exc, "format_message", lambda: "")()) + "\n")
             sys.exit(exit_code)
-        message = _usage_message(exc)
-        if _wants_json(args):
-            from patient_cli.output import to_json
-
-            line = to_json({"error": message, "code": exit_code, "type": "usage_error"})
-        else:
-            line = f"Error: {message}"
+        line = error_line(args, _usage_message(exc), exit_code, "usage_error")
         sys.stderr.write(line + "\n")
         sys.exit(exit_code)
-    except (KeyboardInterrupt, Terminated):
-        sys.stderr.write("Error: interrupted\n")
+    except KeyboardInterrupt:  # (Terminated too) while the command line is read
+        sys.stderr.write(error_line(args, "interrupted", 130, "interrupted") + "\n")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -84,8 +84,14 @@ def open_session(actor: str | None = None) -> Session:
     return Session(settings, actor_name=actor)
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: unwind like Ctrl-C so transactions roll back and temp files go."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwind like Ctrl-C so transactions roll back and temp files go.
+
+    A KeyboardInterrupt, so that everything that handles Ctrl-C handles it too:
+    psycopg cancels the statement running on the server (an interrupted wait
+    otherwise left the connection busy, and SIGTERM during an import ended
+    with "lost the database connection", exit 6), and the audit trail records
+    the interruption (error:130)."""
 
 
 def run_command(fmt: Format | None, quiet: bool, body: Callable[[Messages, Format], T]) -> T:

@@ -28,6 +28,8 @@ def run() -> None:
 
     signal.signal(signal.SIGINT, previous)
     if interrupted:
-        sys.stderr.write("Error: interrupted\n")
+        from patient_cli.argv import error_line
+
+        sys.stderr.write(error_line(sys.argv[1:], "interrupted", 130, "interrupted") + "\n")
         sys.exit(130)
     run_cli()

@@ -22,6 +22,7 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -29,7 +30,7 @@ from typing import BinaryIO
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from patient_cli import recordformat, scan, sql, store
+from patient_cli import interrupts, recordformat, scan, sql, store
 from patient_cli.app_secrets import FINGERPRINT_KEY
 from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.db import translate_db_errors
@@ -158,6 +159,12 @@ class _ImportJob:
         self.on_force_quit = on_force_quit
         self.summary = ImportSummary(dry_run=request.dry_run)
         self.audited_once = False
+        # What the committed units since the last audit event did (an event is
+        # written only for a unit that stored something, and at the end): the
+        # next event counts it too, so a run's events add up to its summary.
+        self.unaudited: Counter[str] = Counter()
+        self.unaudited_users: set[str] = set()
+        self.audited_unit = False  # this unit's transaction holds an event
         # This unit of work (one transaction): outcomes in scan order, and the
         # prepared small records not yet sent.
         self.unit: list[FileOutcome] = []
@@ -251,7 +258,9 @@ class _ImportJob:
                     items = itertools.chain(taken, items)
                 time.sleep(random.uniform(0, RETRY_PAUSE * (attempt + 1)))  # noqa: S311
                 continue
-            self._settle()
+            # Committed: report all of it, even if Ctrl-C comes meanwhile.
+            with interrupts.held():
+                self._settle()
             return more, items
         raise AssertionError("unreachable")
 
@@ -277,6 +286,7 @@ class _ImportJob:
         return True
 
     def _reset_unit(self) -> None:
+        self.audited_unit = False
         self.checks.clear()
         self.checks_bytes = 0
         self.unit.clear()
@@ -287,15 +297,13 @@ class _ImportJob:
         self.sizes_user = None
 
     def _audit(self, last: bool) -> None:
-        """One event per commit that stored something, and at least one per run."""
-        if not self.unit_ids and (self.audited_once or not last):
+        """An event for a unit that stored something, and at the end for what the
+        units since the last event did (at least one event per run)."""
+        counts, usernames = self._tally()
+        counts.update(self.unaudited)
+        usernames |= self.unaudited_users
+        if not self.unit_ids and not (last and (not self.audited_once or counts)):
             return
-        counts = {"imported": 0, "would_import": 0, "skipped": 0, "failed": 0}
-        usernames = set()
-        for outcome in self.unit:
-            counts[outcome.status] += 1
-            if outcome.username is not None:
-                usernames.add(outcome.username)
         details: dict[str, int | str] = {
             "imported": counts["imported"],
             "skipped": counts["skipped"],
@@ -309,10 +317,30 @@ class _ImportJob:
                 "failed": self.summary.failed,
             }
         append_event(self.session, AuditEvent("import", usernames, list(self.unit_ids), details))
-        self.audited_once = True
+        self.audited_once = self.audited_unit = True
+
+    def _tally(self) -> tuple[Counter[str], set[str]]:
+        """This unit's outcomes by status, and the users of the files it did not
+        fail on (a file that failed touched no record: its folder name may not
+        even be a valid username)."""
+        counts: Counter[str] = Counter(outcome.status for outcome in self.unit)
+        usernames = {
+            outcome.username
+            for outcome in self.unit
+            if outcome.username is not None and outcome.status != "failed"
+        }
+        return counts, usernames
 
     def _settle(self) -> None:
         """Count and report this unit's outcomes (called once they are committed)."""
+        if self.audited_unit:
+            self.unaudited.clear()
+            self.unaudited_users.clear()
+        else:
+            counts, usernames = self._tally()
+            self.unaudited.update(counts)
+            self.unaudited_users |= usernames
+        self.audited_unit = False
         summary = self.summary
         for outcome in self.unit:
             if outcome.status == "imported":
@@ -327,7 +355,7 @@ class _ImportJob:
                 summary.failures.append(
                     Failure(outcome.path, outcome.error or "failed", outcome.code or "failed")
                 )
-            if outcome.username is not None:
+            if outcome.username is not None and outcome.status != "failed":
                 self.run_event.usernames.add(outcome.username)
             if self.on_outcome is not None:
                 self.on_outcome(outcome)

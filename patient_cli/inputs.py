@@ -7,6 +7,7 @@ offending option but never echoes patient content.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import BinaryIO
@@ -43,6 +44,25 @@ def check_record_data(data: str | None) -> str | None:
     if data is not None:
         _check_text(data, "record data")
     return data
+
+
+# type "/" subtype (RFC 6838's restricted names), then optional parameters
+# ("; charset=utf-8") of printable ASCII.
+_MIME_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_MIME_TYPE = re.compile(rf"{_MIME_NAME}/{_MIME_NAME}(?:[ \t]*;[\x20-\x7e]*)?")
+MAX_MIME_TYPE_LENGTH = 255
+
+
+def check_mime_type(mime_type: str | None) -> str | None:
+    """A MIME type given by the user (never quoted back: it may be sensitive)."""
+    if mime_type is None:
+        return None
+    _check_text(mime_type, "--mime-type")
+    if len(mime_type) > MAX_MIME_TYPE_LENGTH or not _MIME_TYPE.fullmatch(mime_type):
+        raise UsageError(
+            "--mime-type must be a MIME type such as application/pdf or text/plain; charset=utf-8"
+        )
+    return mime_type
 
 
 def check_text(text: str | None, what: str) -> str | None:

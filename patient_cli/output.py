@@ -111,16 +111,20 @@ def _cell(value: Any) -> str:
 
 
 # Stored text may hold terminal escape sequences (a record name that clears the
-# screen or retitles the window): show them as \xNN instead of sending them.
-# (Tab, newline and carriage return are left to Rich, which lays them out or drops them.)
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# screen or retitles the window) or bidirectional overrides (U+202E shows the
+# rest of a line reversed, so "exe.txt" can pass for "txt.exe"): show them as
+# \xNN or \uNNNN instead of sending them. (Tab, newline and carriage return are
+# left to Rich, which lays them out or drops them.)
+_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_CONTROL_CHARACTERS = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}]")
 
 
-_ERROR_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ERROR_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
 
 
 def _visible(match: re.Match[str]) -> str:
-    return f"\\x{ord(match.group()):02x}"
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def human_size(size: int | None) -> str:

@@ -19,6 +19,7 @@ from patient_cli.audit import AuditEvent, append_event, audited
 from patient_cli.db import translate_db_errors
 from patient_cli.errors import UsageError
 from patient_cli.inputs import (
+    check_mime_type,
     check_record_data,
     check_record_name,
     check_text,
@@ -82,7 +83,7 @@ def add_record(session: Session, request: AddRequest) -> AddResult:
     )
     if request.mime_type is not None and request.file_path is None:
         raise UsageError("--mime-type needs --file")
-    check_text(request.mime_type, "--mime-type")
+    check_mime_type(request.mime_type)
     if request.file_path is None:
         return _add_without_file(session, content)
     source, info = open_regular_file(request.file_path)

@@ -293,6 +293,20 @@ def test_mime_type_override(ready: Cli, tmp_path: Path) -> None:
     assert only_record(ready, "mia")["file_type"] == long_type
 
 
+@pytest.mark.parametrize(
+    "mime_type",
+    ["text/plain\nX-Injected: 1", "t" * 300 + "/plain", "text", "text/", "a b/c", "tëxt/plain"],
+)
+def test_a_malformed_mime_type_is_a_usage_error_and_stores_nothing(
+    ready: Cli, db_url: str, tmp_path: Path, mime_type: str
+) -> None:
+    (tmp_path / "note.txt").write_bytes(b"hello")
+    result = ready("add", "-u", "mia", "-n", "x", "-f", "note.txt", "--mime-type", mime_type)
+    message = "--mime-type must be a MIME type such as application/pdf or text/plain; charset=utf-8"
+    assert_error(result, 2, "usage_error", message)
+    assert stored_counts(db_url) == (0, 0)
+
+
 def test_unicode_file_name_is_kept(ready: Cli, tmp_path: Path) -> None:
     (tmp_path / "радиограмма 🦴.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
     ready.json("add", "-u", "nina", "-n", "x", "-f", "радиограмма 🦴.png")

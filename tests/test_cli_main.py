@@ -133,8 +133,16 @@ def test_ctrl_c_while_starting_up_is_one_line(
 
     monkeypatch.setitem(sys.modules, "patient_cli.cli", Loading())
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit) as stop:
-        entry.run()
-    assert stop.value.code == 130
-    assert capsys.readouterr().err == "Error: interrupted\n"
-    assert signal.getsignal(signal.SIGINT) is before
+    for argv, line in (
+        (["patient-records", "list"], "Error: interrupted"),
+        (
+            ["patient-records", "list", "-F", "json"],
+            '{"error": "interrupted", "code": 130, "type": "interrupted"}',
+        ),
+    ):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as stop:
+            entry.run()
+        assert stop.value.code == 130
+        assert capsys.readouterr().err == line + "\n"
+        assert signal.getsignal(signal.SIGINT) is before

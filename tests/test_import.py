@@ -1074,3 +1074,77 @@ def test_scan_memory_does_not_hold_finished_folders(tmp_path: Path) -> None:
     frame = walk.gi_frame
     assert frame is not None
     assert len(frame.f_locals["stack"]) == 2  # the root and d1 only
+
+
+def test_files_committed_before_ctrl_c_are_all_reported(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while a committed unit's outcomes are being reported (printed, with
+    # -F ndjson) takes effect after the last of them: what was committed is
+    # what was reported.
+    from patient_cli import import_job
+    from patient_cli.config import load_settings
+    from patient_cli.importer import ImportRequest, import_folder
+    from patient_cli.session import Session
+
+    monkeypatch.setattr(import_job, "COMMIT_BYTES", 50 * 100)  # about 50 files a unit
+    root = make_tree(tmp_path / "in", {f"f{n:03}.txt": b"%100d" % n for n in range(300)})
+    reported: list[Any] = []
+
+    def report(outcome: Any) -> None:
+        if not reported:
+            os.kill(os.getpid(), signal.SIGINT)
+        reported.append(outcome)
+
+    with Session(load_settings()) as session, pytest.raises(KeyboardInterrupt):
+        import_folder(session, ImportRequest(root, username="ann"), on_outcome=report)
+
+    stored = count_rows(db_url, "SELECT count(*) FROM patient_records")
+    assert 1 < len(reported) == stored < 300
+    assert {o.status for o in reported} == {"imported"}
+
+
+def test_the_audit_trail_counts_every_failure_and_only_valid_users(
+    ready: Cli, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One unit per stored file; the last unit stores nothing and only fails
+    # (a FIFO): its failure is in the trail too. The files of a folder that is
+    # not a valid username fail, and that name is not recorded as a user's.
+    from patient_cli import import_job
+
+    monkeypatch.setattr(import_job, "COMMIT_BYTES", 1)
+    root = make_tree(tmp_path / "in", {"ann/a.txt": b"alpha", "ann/b.txt": b"beta"})
+    make_tree(root, {"   /c.txt": b"gamma"})
+    os.mkfifo(root / "ann" / "z.fifo")
+
+    code, summary, _ = run_import(ready, str(root), "--username-from-dir")
+
+    assert (code, summary["imported"], summary["failed"]) == (3, 2, 2)
+    with psycopg.connect(db_url) as conn:
+        events = conn.execute(
+            "SELECT usernames, details FROM audit_log WHERE action = 'import' ORDER BY id"
+        ).fetchall()
+    assert sum(details["imported"] for _, details in events) == 2
+    assert sum(details["failed"] for _, details in events) == 2
+    assert {name for usernames, _ in events for name in usernames} == {"ann"}
+
+
+def test_an_import_stopped_by_sigterm_is_audited_as_interrupted(
+    ready: Cli, tmp_path: Path, db_url: str
+) -> None:
+    from patient_cli.cli_app import Terminated
+    from patient_cli.config import load_settings
+    from patient_cli.importer import ImportRequest, import_folder
+    from patient_cli.session import Session
+
+    root = make_tree(tmp_path / "in", {"a.txt": b"alpha"})
+
+    def terminated(outcome: Any) -> None:
+        raise Terminated
+
+    with Session(load_settings()) as session, pytest.raises(Terminated):
+        import_folder(session, ImportRequest(root, username="ann"), on_outcome=terminated)
+
+    with psycopg.connect(db_url) as conn:
+        outcomes = [row[0] for row in conn.execute("SELECT outcome FROM audit_log")]
+    assert "error:130" in outcomes

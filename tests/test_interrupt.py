@@ -134,3 +134,28 @@ def test_sigterm_and_ctrl_c_mid_upload_exit_130_and_store_nothing(
     (tmp_path / "small.txt").write_text("fine")
     added = ready.json("add", "-u", "killme", "-n", "after", "-f", "small.txt")
     assert [r["id"] for r in ready.json("list", "-u", "killme")["records"]] == [added["record_id"]]
+
+
+def test_sigterm_while_waiting_on_the_server_cancels_the_statement(db_url: str) -> None:
+    # SIGTERM becomes Terminated, which unwinds like Ctrl-C: psycopg cancels
+    # the running statement only for a KeyboardInterrupt, and the connection
+    # was left busy ("lost the database connection", exit 6, during import).
+    import threading
+
+    from patient_cli.cli import _on_sigterm
+    from patient_cli.cli_app import Terminated
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        with psycopg.connect(db_url) as conn:
+            started = time.monotonic()
+            timer.start()
+            with pytest.raises(Terminated):
+                conn.execute("SELECT pg_sleep(30)")
+            assert time.monotonic() - started < 10
+            conn.rollback()
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGTERM, previous)

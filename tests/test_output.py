@@ -190,3 +190,14 @@ def test_tables_never_send_terminal_escape_sequences(ready: Cli) -> None:
     assert "Name\\x1b]0;retitled\\x07\\x1b[2J" in wide.stdout  # shown, not sent
     # JSON keeps the exact text (escaped by the JSON encoder).
     assert ready.json("list", "-u", "amy")["records"][0]["record_name"] == name
+
+
+def test_tables_show_bidirectional_overrides_instead_of_obeying_them(ready: Cli) -> None:
+    # U+202E would show "scan\u202efdp.exe" as "scanexe.pdf" on a terminal.
+    name = "scan\u202efdp.exe \u2066isolated\u2069 \u200f"
+    ready.json("add", "-u", "amy", "-n", name)
+    wide = ready("list", "-u", "amy", "--format", "table", COLUMNS="400")
+    assert wide.exit_code == 0
+    assert not set("\u202e\u2066\u2069\u200f") & set(wide.stdout)
+    assert "scan\\u202efdp.exe \\u2066isolated\\u2069 \\u200f" in wide.stdout
+    assert ready.json("list", "-u", "amy")["records"][0]["record_name"] == name

@@ -1,0 +1,24 @@
+"""What the raw command line asks for, read before (or without) Typer: for the
+errors reported before the command line is parsed, or when parsing it fails."""
+
+from __future__ import annotations
+
+import json
+
+
+def wants_json(args: list[str]) -> bool:
+    """Whether `--format json` or `--format ndjson` (`-F`) was given."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--format=") else None
+        if value is None and arg in ("--format", "-F") and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None and value.lower() in ("json", "ndjson"):
+            return True
+    return False
+
+
+def error_line(args: list[str], message: str, code: int, kind: str) -> str:
+    """One error line, as JSON when the command line asks for JSON."""
+    if wants_json(args):
+        return json.dumps({"error": message, "code": code, "type": kind}, ensure_ascii=False)
+    return f"Error: {message}"
