@@ -9,6 +9,7 @@ starts itself. Each test starts from an empty `public` schema.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +123,20 @@ def stderr_line(result: Result) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def wait_for_other_sessions_to_end(db_url: str) -> None:
+    """A killed process's server sessions may still be finishing a COMMIT it
+    sent just before it died: wait until they are gone, so that what a test
+    counts next is final."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            ).fetchone()
+            if row is not None and row[0] == 0:
+                return
+            time.sleep(0.01)
+    raise AssertionError("the killed process's database sessions did not end")

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import Cli, stderr_line
+from conftest import Cli, stderr_line, wait_for_other_sessions_to_end
 from patient_cli import scan
 from patient_cli.errors import UsageError
 from patient_cli.recordformat import CHUNK_SIZE
@@ -741,6 +741,7 @@ def test_a_killed_import_is_finished_by_rerunning(ready: Cli, tmp_path: Path, db
     assert proc.stderr is not None
     proc.stderr.close()
     assert json.loads(first_line)["status"] == "imported"
+    wait_for_other_sessions_to_end(db_url)
     kept = count_rows(db_url, "SELECT count(*) FROM patient_records")
     assert 0 < kept < len(files)
 

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
-from conftest import Cli, stderr_line
+from conftest import Cli, stderr_line, wait_for_other_sessions_to_end
 from patient_cli.crypto import key_id
 from patient_cli.recordformat import CHUNK_SIZE
 
@@ -299,6 +299,7 @@ def interrupt_rotation(
         os.kill(process.pid, how)
     finally:
         out, err = process.communicate(timeout=60)
+    wait_for_other_sessions_to_end(db_url)
     return process.returncode, out, err
 
 
