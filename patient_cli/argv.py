@@ -4,17 +4,20 @@ errors reported before the command line is parsed, or when parsing it fails."""
 from __future__ import annotations
 
 import json
+import sys
 
 
 def wants_json(args: list[str]) -> bool:
-    """Whether `--format json` or `--format ndjson` (`-F`) was given."""
+    """Whether output (and so an error line) is JSON: `--format json` or
+    `--format ndjson` (`-F`), or no `--format` and stdout not a terminal, the
+    default (output.resolve_format)."""
     for i, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--format=") else None
         if value is None and arg in ("--format", "-F") and i + 1 < len(args):
             value = args[i + 1]
-        if value is not None and value.lower() in ("json", "ndjson"):
-            return True
-    return False
+        if value is not None:
+            return value.lower() in ("json", "ndjson")
+    return not sys.stdout.isatty()
 
 
 def error_line(args: list[str], message: str, code: int, kind: str) -> str:

@@ -150,7 +150,8 @@ def _external_conninfo(url: str | None, params: dict[str, str]) -> tuple[str, st
         raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection string") from exc
     port = str(parsed.get("port", ""))
     if port and not port.isdigit():
-        raise ConfigError("DB_PORT must be a number")
+        source = "DB_PORT" if "port" in params else "the port in DATABASE_URL"
+        raise ConfigError(f"{source} must be a number")
     parsed.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     parsed.setdefault("application_name", "patient-records")
     conninfo = make_conninfo("", **{k: str(v) for k, v in parsed.items() if v is not None})

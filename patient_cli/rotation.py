@@ -94,15 +94,19 @@ def rotate_key(
     result = RotationResult(keyring.primary_id, dry_run=options.dry_run)
     event = AuditEvent("rotate-key")
     with translate_db_errors(), audited(session, event):
-        session.load_secrets()
+        # Which keys are in use comes first: with the HMAC secrets under a key
+        # that is not configured, decrypting them would fail as "wrong key or
+        # tampered data" (exit 7) instead of naming the missing key (exit 5).
         usage = key_usage(session.conn)
         session.conn.rollback()
         result.not_configured = sorted(set(usage.by_key) - set(keyring.key_ids))
+        secrets_unreadable = any(usage.by_key[k].secrets for k in result.not_configured)
+        if result.not_configured and (secrets_unreadable or not options.dry_run):
+            raise ConfigError(_not_configured_message(usage, result.not_configured))
+        session.load_secrets()
         if options.dry_run:
             _plan_only(result, usage)
         else:
-            if result.not_configured:
-                raise ConfigError(_not_configured_message(usage, result.not_configured))
             todo = usage.not_under(keyring.primary_id)
             if progress is not None:
                 progress.start(

@@ -18,13 +18,16 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 def test_bad_argument_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_main(["export-file", "abc"], capsys)
-    assert code == 2
-    assert out == ""
-    assert err.splitlines() == [
-        "Error: Invalid value for 'record_id': 'abc' is not a valid int. "
+    message = (
+        "Invalid value for 'record_id': 'abc' is not a valid int. "
         "(see 'patient-records export-file --help')"
-    ]
+    )
+    code, out, err = run_main(["export-file", "abc", "-F", "table"], capsys)
+    assert (code, out, err.splitlines()) == (2, "", [f"Error: {message}"])
+    # Not on a terminal (as here) the default format is JSON: so is the error.
+    code, out, err = run_main(["export-file", "abc"], capsys)
+    assert (code, out) == (2, "")
+    assert json.loads(err) == {"error": message, "code": 2, "type": "usage_error"}
 
 
 def test_unknown_option_as_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,7 +76,7 @@ def test_only_the_command_being_run_is_built() -> None:
 
 
 def test_unknown_command_is_still_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_main(["nosuch"], capsys)
+    code, out, err = run_main(["nosuch", "-F", "table"], capsys)
     assert (code, out) == (2, "")
     assert err.splitlines() == ["Error: No such command 'nosuch'. (see 'patient-records --help')"]
 
@@ -106,7 +109,9 @@ def test_console_script_exits_with_the_code_and_all_output(
     done = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
     _, in_process, _ = run_main(["--help"], capsys)
     assert (done.returncode, done.stdout) == (0, in_process)
-    done = subprocess.run([*argv, "list", "--bogus"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*argv, "list", "--bogus", "-F", "table"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert done.stderr == "Error: No such option: --bogus (see 'patient-records list --help')\n"
 
@@ -134,7 +139,7 @@ def test_ctrl_c_while_starting_up_is_one_line(
     monkeypatch.setitem(sys.modules, "patient_cli.cli", Loading())
     before = signal.getsignal(signal.SIGINT)
     for argv, line in (
-        (["patient-records", "list"], "Error: interrupted"),
+        (["patient-records", "list", "-F", "table"], "Error: interrupted"),
         (
             ["patient-records", "list", "-F", "json"],
             '{"error": "interrupted", "code": 130, "type": "interrupted"}',

@@ -89,6 +89,15 @@ def test_db_port_must_be_a_number(ready: Cli, monkeypatch: pytest.MonkeyPatch) -
     assert_error(ready("list", "-u", "amy"), 5, "config_error", "DB_PORT must be a number")
 
 
+def test_a_bad_port_in_database_url_names_database_url(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "host=127.0.0.1 password=secret port=abc")
+    result = ready("list", "-u", "amy")
+    assert_error(result, 5, "config_error", "the port in DATABASE_URL must be a number")
+    assert "secret" not in result.stderr
+
+
 def test_malformed_database_url(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "this is = not a = dsn")
     assert_error(

@@ -161,6 +161,23 @@ def test_rotate_refuses_when_data_is_under_a_key_that_is_not_configured(
     assert key_ids_in_use(db_url) == {key_id(fernet_key.encode()), key_id(stray.encode())}
 
 
+def test_rotate_without_the_key_that_holds_the_secrets_names_that_key(
+    ready: Cli, fernet_key: str, db_url: str
+) -> None:
+    # Everything, the HMAC secrets included, is under a key that is no longer
+    # configured: exit 5 naming it (decrypting the secrets first gave exit 7,
+    # "wrong key or tampered data"), for the dry run too; nothing changes.
+    add(ready, "ann", "under the old key")
+    other = new_key()
+    for dry_run in ([], ["--dry-run"]):
+        result = ready("rotate-key", *dry_run, "-F", "table", ENCRYPTION_KEY=other)
+        assert result.exit_code == 5, result.stderr
+        assert stderr_line(result).startswith(
+            f"Error: 3 item(s) are encrypted under key id(s) {key_id(fernet_key.encode())}, "
+        )
+    assert key_ids_in_use(db_url) == {key_id(fernet_key.encode())}
+
+
 def test_a_damaged_token_is_reported_and_the_rest_is_rotated(
     ready: Cli, fernet_key: str, db_url: str
 ) -> None:
