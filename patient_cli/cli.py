@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     as one line, like every other error, instead of Click's usage block."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = sys.argv[1:] if argv is None else argv
-    command = typer.main.get_command(_app_for(args))
     try:
+        command = typer.main.get_command(_app_for(args))
         code = command.main(args=args, prog_name="patient-records", standalone_mode=False)
     except typer.TyperException as exc:  # Click's UsageError and friends
         exit_code = int(getattr(exc, "exit_code", 2))

@@ -151,3 +151,19 @@ def test_ctrl_c_while_starting_up_is_one_line(
         assert stop.value.code == 130
         assert capsys.readouterr().err == line + "\n"
         assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_while_the_command_is_built_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import typer
+
+    def interrupted(app: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.main, "get_command", interrupted)
+    try:
+        code, out, err = run_main(["list", "-F", "table"], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert (code, out, err) == (130, "", "Error: interrupted\n")
