@@ -102,7 +102,9 @@ def run_command(fmt: Format | None, quiet: bool, body: Callable[[Messages, Forma
     try:
         from patient_cli.config import load_env_file
 
-        load_env_file(GLOBAL.env_file)
+        for line in load_env_file(GLOBAL.env_file):
+            where = GLOBAL.env_file or ".env"
+            messages.info(f"Warning: line {line} of {where} could not be parsed; it was ignored")
         return body(messages, chosen)
     except PatientRecordsError as exc:
         _debug_traceback()

@@ -80,21 +80,38 @@ class Settings:
         return _external_conninfo(self.database_url, dict(self.database_params))
 
 
-def load_env_file(env_file: Path | None) -> None:
-    """Seed os.environ from `env_file`, or from ./.env when none is named.
+def load_env_file(env_file: Path | None) -> list[int]:
+    """Seed os.environ from `env_file`, or from ./.env when none is named, and
+    return the numbers of the lines that could not be parsed (skipped, as the
+    original service's python-dotenv skipped them; the caller warns).
 
     Real environment variables win over the file (dotenv's override=False).
     """
     if env_file is None:
         env_file = Path.cwd() / ".env"
         if not env_file.is_file():
-            return
+            return []
     elif not env_file.is_file():
         raise ConfigError(f"env file not found: {env_file}")
+    try:
+        text = env_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read env file {env_file}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read env file {env_file}: {exc.strerror or exc}") from None
     # imported only when there is a file to read: it costs every command a few ms
-    from dotenv import load_dotenv
+    import io
+    import logging
 
-    load_dotenv(env_file, override=False)
+    from dotenv import load_dotenv
+    from dotenv.parser import parse_stream
+
+    unparsed = [b.original.line for b in parse_stream(io.StringIO(text)) if b.error]
+    # python-dotenv would also log each such line through `logging`, which -q
+    # cannot silence and which is not our format: the caller reports them.
+    logging.getLogger("dotenv.main").setLevel(logging.ERROR)
+    load_dotenv(stream=io.StringIO(text), override=False)
+    return unparsed
 
 
 def _env(name: str) -> str | None:

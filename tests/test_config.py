@@ -176,6 +176,47 @@ def test_env_file_missing(ready: Cli) -> None:
     )
 
 
+def test_an_unparsable_dotenv_line_is_skipped_with_a_warning_that_quiet_silences(
+    ready: Cli, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text(
+        f"DATABASE_URL={env['DATABASE_URL']}\nsecret words, not a setting\n"
+        f"ENCRYPTION_KEY={env['ENCRYPTION_KEY']}\n"
+    )
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.delenv("ENCRYPTION_KEY")
+    result = ready("list", "-u", "amy", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"records": []}  # the lines around it were read
+    assert result.stderr == "Warning: line 2 of .env could not be parsed; it was ignored\n"
+    quiet = ready("list", "-u", "amy", "--format", "json", "-q")
+    assert (quiet.exit_code, quiet.stderr) == (0, "")
+
+
+def test_an_env_file_that_is_not_utf8_is_a_config_error(ready: Cli, tmp_path: Path) -> None:
+    settings_file = tmp_path / "clinic.env"
+    settings_file.write_bytes(b"ENCRYPTION_KEY=\xff\xfe\n")
+    assert_error(
+        ready("--env-file", str(settings_file), "list", "-u", "amy"),
+        5,
+        "config_error",
+        f"cannot read env file {settings_file}: it is not UTF-8 text",
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_env_file_is_a_config_error(ready: Cli, tmp_path: Path) -> None:
+    settings_file = tmp_path / "clinic.env"
+    settings_file.write_text("PATIENT_RECORDS_ACTOR=x\n")
+    settings_file.chmod(0)
+    assert_error(
+        ready("--env-file", str(settings_file), "list", "-u", "amy"),
+        5,
+        "config_error",
+        f"cannot read env file {settings_file}: Permission denied",
+    )
+
+
 # -- keys --------------------------------------------------------------------------
 
 
