@@ -104,7 +104,7 @@ def run_command(fmt: Format | None, quiet: bool, body: Callable[[Messages, Forma
 
         for line in load_env_file(GLOBAL.env_file):
             where = GLOBAL.env_file or ".env"
-            messages.info(f"Warning: line {line} of {where} could not be parsed; it was ignored")
+            messages.warn(f"line {line} of {where} could not be parsed; it was ignored")
         return body(messages, chosen)
     except PatientRecordsError as exc:
         _debug_traceback()

@@ -82,10 +82,12 @@ class Settings:
 
 def load_env_file(env_file: Path | None) -> list[int]:
     """Seed os.environ from `env_file`, or from ./.env when none is named, and
-    return the numbers of the lines that could not be parsed (skipped, as the
-    original service's python-dotenv skipped them; the caller warns).
+    return the numbers of the lines where statements that could not be parsed
+    start (skipped, as the original service's python-dotenv skipped them; the
+    caller warns).
 
     Real environment variables win over the file (dotenv's override=False).
+    PYTHON_DOTENV_DISABLED, python-dotenv's own switch, turns the file off.
     """
     if env_file is None:
         env_file = Path.cwd() / ".env"
@@ -93,8 +95,11 @@ def load_env_file(env_file: Path | None) -> list[int]:
             return []
     elif not env_file.is_file():
         raise ConfigError(f"env file not found: {env_file}")
+    if os.environ.get("PYTHON_DOTENV_DISABLED", "").casefold() in ("1", "true", "t", "yes", "y"):
+        return []
     try:
-        text = env_file.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark some editors write is not part of the first name.
+        text = env_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"cannot read env file {env_file}: it is not UTF-8 text") from None
     except OSError as exc:
@@ -107,10 +112,17 @@ def load_env_file(env_file: Path | None) -> list[int]:
     from dotenv.parser import parse_stream
 
     unparsed = [b.original.line for b in parse_stream(io.StringIO(text)) if b.error]
-    # python-dotenv would also log each such line through `logging`, which -q
+    # python-dotenv also logs each such statement through `logging`, which -q
     # cannot silence and which is not our format: the caller reports them.
-    logging.getLogger("dotenv.main").setLevel(logging.ERROR)
-    load_dotenv(stream=io.StringIO(text), override=False)
+    logger = logging.getLogger("dotenv.main")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        load_dotenv(stream=io.StringIO(text), override=False)
+    except ValueError:  # the environment cannot hold a NUL character
+        message = f"cannot use env file {env_file}: a value holds a NUL character"
+        raise ConfigError(message) from None
+    finally:
+        logger.disabled = was_disabled
     return unparsed
 
 

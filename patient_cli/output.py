@@ -149,6 +149,12 @@ class Messages:
             sys.stderr.write(message + "\n")
             sys.stderr.flush()
 
+    def warn(self, message: str) -> None:
+        """One line, like errors (a path the user typed may hold anything), unless -q."""
+        if not self.quiet:
+            sys.stderr.write(f"Warning: {_ERROR_CONTROLS.sub(_visible, message)}\n")
+            sys.stderr.flush()
+
     def error(self, message: str, code: int, fmt: Format | None, kind: str) -> None:
         if fmt in (Format.json, Format.ndjson):
             sys.stderr.write(to_json({"error": message, "code": code, "type": kind}) + "\n")

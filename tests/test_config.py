@@ -14,7 +14,7 @@ from cryptography.fernet import Fernet
 from psycopg.conninfo import conninfo_to_dict
 
 from conftest import Cli, stderr_line
-from patient_cli.config import load_settings
+from patient_cli.config import load_env_file, load_settings
 from patient_cli.crypto import parse_keys
 
 DOTENV_VARIABLES = ("DATABASE_URL", "ENCRYPTION_KEY", "DB_HOST", "DB_PORT", "DB_NAME")
@@ -177,7 +177,11 @@ def test_env_file_missing(ready: Cli) -> None:
 
 
 def test_an_unparsable_dotenv_line_is_skipped_with_a_warning_that_quiet_silences(
-    ready: Cli, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ready: Cli,
+    env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     (tmp_path / ".env").write_text(
         f"DATABASE_URL={env['DATABASE_URL']}\nsecret words, not a setting\n"
@@ -189,8 +193,48 @@ def test_an_unparsable_dotenv_line_is_skipped_with_a_warning_that_quiet_silences
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout) == {"records": []}  # the lines around it were read
     assert result.stderr == "Warning: line 2 of .env could not be parsed; it was ignored\n"
+    assert not [r for r in caplog.records if r.name.startswith("dotenv")]  # not twice
     quiet = ready("list", "-u", "amy", "--format", "json", "-q")
     assert (quiet.exit_code, quiet.stderr) == (0, "")
+
+
+def test_the_warning_names_the_env_file_given_and_shows_its_controls(
+    ready: Cli, tmp_path: Path
+) -> None:
+    settings_file = tmp_path / "clinic\x1b[31m.env"
+    settings_file.write_text("PATIENT_RECORDS_ACTOR=desk\n'unterminated\n")
+    result = ready("--env-file", str(settings_file), "list", "-u", "amy", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    shown = str(settings_file).replace("\x1b", "\\x1b")
+    assert result.stderr == f"Warning: line 2 of {shown} could not be parsed; it was ignored\n"
+
+
+def test_env_files_read_as_the_original_services_loader_read_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What python-dotenv accepts (export, quotes, ${VAR}, CRLF, a byte-order
+    mark) still works now that the file is read here first."""
+    names = ("PR_T_FIRST", "PR_T_EXPORTED", "PR_T_QUOTED", "PR_T_REF", "PR_T_REAL")
+    for name in names:
+        monkeypatch.setenv(name, "placeholder")  # so that monkeypatch removes them after
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PR_T_REAL", "from the environment")
+    path = tmp_path / "clinic.env"
+    path.write_bytes(
+        b"\xef\xbb\xbfPR_T_FIRST=one\r\n"
+        b"export PR_T_EXPORTED=two # a comment\r\n"
+        b"PR_T_QUOTED='three four'\r\n"
+        b"PR_T_REF=${PR_T_FIRST}-${PR_T_REAL}\r\n"
+        b"PR_T_REAL=from the file\r\n"
+    )
+    assert load_env_file(path) == []
+    assert [os.environ[name] for name in names] == [
+        "one",
+        "two",
+        "three four",
+        "one-from the environment",
+        "from the environment",
+    ]
 
 
 def test_an_env_file_that_is_not_utf8_is_a_config_error(ready: Cli, tmp_path: Path) -> None:
@@ -204,17 +248,43 @@ def test_an_env_file_that_is_not_utf8_is_a_config_error(ready: Cli, tmp_path: Pa
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_env_file_is_a_config_error(ready: Cli, tmp_path: Path) -> None:
+def test_an_env_file_value_with_a_nul_is_a_config_error(ready: Cli, tmp_path: Path) -> None:
+    settings_file = tmp_path / "clinic.env"
+    settings_file.write_bytes(b"PATIENT_RECORDS_ACTOR=a\x00b\n")
+    assert_error(
+        ready("--env-file", str(settings_file), "list", "-u", "amy"),
+        5,
+        "config_error",
+        f"cannot use env file {settings_file}: a value holds a NUL character",
+    )
+
+
+def test_an_unreadable_env_file_is_a_config_error(
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings_file = tmp_path / "clinic.env"
     settings_file.write_text("PATIENT_RECORDS_ACTOR=x\n")
     settings_file.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: fail the read as it fails for others
+
+        def refuse(self: Path, *args: Any, **kwargs: Any) -> str:
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(Path, "read_text", refuse)
     assert_error(
         ready("--env-file", str(settings_file), "list", "-u", "amy"),
         5,
         "config_error",
         f"cannot read env file {settings_file}: Permission denied",
     )
+
+
+def test_python_dotenv_disabled_turns_the_env_file_off(
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_bytes(b"\xff not even text\n")
+    monkeypatch.setenv("PYTHON_DOTENV_DISABLED", "1")
+    lists_ok(ready)
 
 
 # -- keys --------------------------------------------------------------------------
