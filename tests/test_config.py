@@ -237,26 +237,24 @@ def test_env_files_read_as_the_original_services_loader_read_them(
     ]
 
 
-def test_an_env_file_that_is_not_utf8_is_a_config_error(ready: Cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"ENCRYPTION_KEY=\xff\xfe\n", "cannot read env file {}: it is not UTF-8 text"),
+        (
+            b"PATIENT_RECORDS_ACTOR=a\x00b\n",
+            "cannot use env file {}: a value holds a NUL character",
+        ),
+    ],
+    ids=["not-utf8", "nul"],
+)
+def test_an_env_file_it_cannot_use_is_a_config_error(
+    ready: Cli, tmp_path: Path, content: bytes, problem: str
+) -> None:
     settings_file = tmp_path / "clinic.env"
-    settings_file.write_bytes(b"ENCRYPTION_KEY=\xff\xfe\n")
-    assert_error(
-        ready("--env-file", str(settings_file), "list", "-u", "amy"),
-        5,
-        "config_error",
-        f"cannot read env file {settings_file}: it is not UTF-8 text",
-    )
-
-
-def test_an_env_file_value_with_a_nul_is_a_config_error(ready: Cli, tmp_path: Path) -> None:
-    settings_file = tmp_path / "clinic.env"
-    settings_file.write_bytes(b"PATIENT_RECORDS_ACTOR=a\x00b\n")
-    assert_error(
-        ready("--env-file", str(settings_file), "list", "-u", "amy"),
-        5,
-        "config_error",
-        f"cannot use env file {settings_file}: a value holds a NUL character",
-    )
+    settings_file.write_bytes(content)
+    result = ready("--env-file", str(settings_file), "list", "-u", "amy")
+    assert_error(result, 5, "config_error", problem.format(settings_file))
 
 
 def test_an_unreadable_env_file_is_a_config_error(
