@@ -3,8 +3,9 @@ errors reported before the command line is parsed, or when parsing it fails."""
 
 from __future__ import annotations
 
-import json
 import sys
+
+from patient_cli import lines
 
 
 def wants_json(args: list[str]) -> bool:
@@ -22,6 +23,4 @@ def wants_json(args: list[str]) -> bool:
 
 def error_line(args: list[str], message: str, code: int, kind: str) -> str:
     """One error line, as JSON when the command line asks for JSON."""
-    if wants_json(args):
-        return json.dumps({"error": message, "code": code, "type": kind}, ensure_ascii=False)
-    return f"Error: {message}"
+    return lines.error_line(message, code, kind, wants_json(args))

@@ -17,6 +17,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from patient_cli.lines import BIDI, error_line, one_line, visible
+
 
 class Format(enum.StrEnum):
     table = "table"
@@ -107,24 +109,14 @@ def _cell(value: Any) -> str:
         return value.astimezone().strftime("%Y-%m-%d %H:%M")
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return escape(_CONTROL_CHARACTERS.sub(_visible, str(value)))
+    return escape(_CONTROL_CHARACTERS.sub(visible, str(value)))
 
 
 # Stored text may hold terminal escape sequences (a record name that clears the
-# screen or retitles the window) or bidirectional overrides (U+202E shows the
-# rest of a line reversed, so "exe.txt" can pass for "txt.exe"): show them as
-# \xNN or \uNNNN instead of sending them. (Tab, newline and carriage return are
-# left to Rich, which lays them out or drops them.)
-_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"
-_CONTROL_CHARACTERS = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}]")
-
-
-_ERROR_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
-
-
-def _visible(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+# screen or retitles the window) or bidirectional overrides: show them as \xNN
+# or \uNNNN instead of sending them. (Tab, newline and carriage return are left
+# to Rich, which lays them out or drops them.)
+_CONTROL_CHARACTERS = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{BIDI}]")
 
 
 def human_size(size: int | None) -> str:
@@ -152,13 +144,10 @@ class Messages:
     def warn(self, message: str) -> None:
         """One line, like errors (a path the user typed may hold anything), unless -q."""
         if not self.quiet:
-            sys.stderr.write(f"Warning: {_ERROR_CONTROLS.sub(_visible, message)}\n")
+            sys.stderr.write(f"Warning: {one_line(message)}\n")
             sys.stderr.flush()
 
     def error(self, message: str, code: int, fmt: Format | None, kind: str) -> None:
-        if fmt in (Format.json, Format.ndjson):
-            sys.stderr.write(to_json({"error": message, "code": code, "type": kind}) + "\n")
-        else:
-            # One line, whatever a path the user typed holds (a newline, an escape).
-            sys.stderr.write(f"Error: {_ERROR_CONTROLS.sub(_visible, message)}\n")
+        as_json = fmt in (Format.json, Format.ndjson)
+        sys.stderr.write(error_line(message, code, kind, as_json) + "\n")
         sys.stderr.flush()

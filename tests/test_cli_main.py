@@ -40,6 +40,18 @@ def test_unknown_option_as_json(capsys: pytest.CaptureFixture[str]) -> None:
     }
 
 
+def test_a_usage_error_shows_what_the_user_typed_escaped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Like every other error line: a bidirectional override in a typed option
+    is shown as \\u202e, not obeyed by the terminal."""
+    code, _out, err = run_main(["list", "--x\u202egpj", "-F", "table"], capsys)
+    assert (code, err) == (
+        2,
+        "Error: No such option: --x\\u202egpj (see 'patient-records list --help')\n",
+    )
+
+
 def test_version_and_help_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(["--version"], capsys)
     assert (code, out.strip()) == (0, "patient-records 0.1.0")
