@@ -137,6 +137,15 @@ def generate(data_set: DataSet, base: Path) -> tuple[Path, int, int]:
 # -- the baseline (this script, run as a child with --baseline-ingest) -------------------
 
 
+def set_files(root: str) -> Iterator[str]:
+    """A set's files in a stable order (the generator's hidden marker left out)."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield os.path.join(folder, name)
+
+
 def baseline_ingest(root: str, dsn: str) -> None:
     """Raw ingest: every file's bytes into a bytea table by binary COPY."""
     import psycopg
@@ -148,15 +157,10 @@ def baseline_ingest(root: str, dsn: str) -> None:
             cur.copy("COPY bench_files (path, data) FROM STDIN (FORMAT BINARY)") as copy,
         ):
             copy.set_types(["text", "bytea"])
-            for folder, subfolders, files in os.walk(root):
-                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-                for name in sorted(files):
-                    if name.startswith("."):
-                        continue
-                    path = os.path.join(folder, name)
-                    with open(path, "rb") as source:
-                        copy.write_row((os.path.relpath(path, root), source.read()))
-                    count += 1
+            for path in set_files(root):
+                with open(path, "rb") as source:
+                    copy.write_row((os.path.relpath(path, root), source.read()))
+                count += 1
         conn.commit()
     print(json.dumps({"ingested": count}))
 
@@ -168,18 +172,12 @@ def floor_ingest(root: str, dsn: str) -> None:
     import psycopg
 
     def pieces() -> Iterator[tuple[int, int, bytes]]:
-        number = 0
-        for folder, subfolders, files in os.walk(root):
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            for name in sorted(files):
-                if name.startswith("."):
-                    continue
-                with open(os.path.join(folder, name), "rb", buffering=0) as source:
-                    seq = 0
-                    while piece := source.read(MIB):
-                        yield number, seq, piece
-                        seq += 1
-                number += 1
+        for number, path in enumerate(set_files(root)):
+            with open(path, "rb", buffering=0) as source:
+                seq = 0
+                while piece := source.read(MIB):
+                    yield number, seq, piece
+                    seq += 1
 
     with psycopg.connect(dsn) as conn:
         conn.cursor().executemany("INSERT INTO bench_floor VALUES (%s, %s, %b)", pieces())

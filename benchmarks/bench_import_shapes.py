@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from bench_import import (
     generate,
     ours_command,
     run_process,
+    set_files,
 )
 
 from _common import bench_database
@@ -81,15 +81,6 @@ TABLES = "bench_files, shape_one, shape_chunks, shape_records, record_chunks, pa
 SHAPES = ("baseline", "one-table", "two-tables", "schema", "service", "ours")
 
 
-def _files(root: str) -> Iterator[str]:
-    """The set's files in a stable order (the generator's hidden marker left out)."""
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield os.path.join(folder, name)
-
-
 def one_table_ingest(root: str, dsn: str) -> None:
     import psycopg
 
@@ -102,7 +93,7 @@ def one_table_ingest(root: str, dsn: str) -> None:
             cur.copy("COPY shape_one (path, token) FROM STDIN (FORMAT BINARY)") as copy,
         ):
             copy.set_types(["text", "bytea"])
-            for path in _files(root):
+            for path in set_files(root):
                 with open(path, "rb") as source:
                     copy.write_row((path, keyring.encrypt(source.read())))
         conn.commit()
@@ -115,7 +106,7 @@ def two_tables_ingest(root: str, dsn: str) -> None:
     from patient_cli.crypto import Keyring
 
     keyring = Keyring([os.environ["ENCRYPTION_KEY"].encode("ascii")])
-    paths = list(_files(root))
+    paths = list(set_files(root))
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         with cur.copy("COPY shape_records (username, id) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["text", "int8"])
@@ -144,7 +135,7 @@ def schema_ingest(root: str, dsn: str) -> None:
     keyring = Keyring([os.environ["ENCRYPTION_KEY"].encode("ascii")])
     key_id = keyring.primary_id
     fingerprint_key = os.urandom(32)  # stands in for the one kept in app_secrets
-    paths = list(_files(root))
+    paths = list(set_files(root))
     with psycopg.connect(dsn) as conn:
         ids = store.reserve_ids(conn, len(paths))
         with conn.cursor() as cur:
